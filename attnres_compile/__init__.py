@@ -1,0 +1,1 @@
+"""attnres-compile: retrofit Block Attention Residuals into traced PyTorch models."""
