@@ -1,1 +1,20 @@
-"""attnres-compile: retrofit Block Attention Residuals into traced PyTorch models."""
+"""attnres-compile: retrofit Block Attention Residuals into traced PyTorch models.
+
+Pipeline: capture (torch.export) -> passes/ (find and rewrite residual streams)
+-> ops/ (the depth-attention op) -> lowering/ (kernels, torch.compile, ONNX).
+"""
+
+from .api import attnres_parameters, convert
+from .errors import AttnResError, CaptureError, NoEligibleChainError
+from .module import AttnResModule
+from .report import ConversionReport
+
+__all__ = [
+    "convert",
+    "attnres_parameters",
+    "AttnResModule",
+    "ConversionReport",
+    "AttnResError",
+    "CaptureError",
+    "NoEligibleChainError",
+]

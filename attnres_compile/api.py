@@ -1,0 +1,208 @@
+"""Public API: `convert(model, example_inputs, ...)` and friends."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import torch
+from torch import nn
+
+from .capture import capture, normalize_inputs
+from .errors import NoEligibleChainError
+from .module import AttnResModule
+from .ops.site import DepthAttentionSite
+from .passes.find_chains import StreamAnalysis, analyse_streams
+from .passes.graph_utils import module_path, source_line
+from .passes.rewrite import SitePlan, plan_chain, rewrite_chain
+from .passes.schedule import resolve_block_size
+from .report import ChainReport, ConversionReport, LeftAloneReport, SiteReport
+
+PRESERVE_MODES = ("scale", "exact")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _validate(model, num_blocks, block_size, preserve, eps) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_positive_int("num_blocks", num_blocks)
+    _check_positive_int("block_size", block_size)
+    if num_blocks is not None and block_size is not None:
+        raise ValueError(
+            f"set either num_blocks or block_size, not both (got num_blocks={num_blocks}, block_size={block_size})"
+        )
+    if preserve not in PRESERVE_MODES:
+        raise ValueError(f"preserve must be one of {PRESERVE_MODES}, got {preserve!r}")
+    if eps is not None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a positive float or None, got {eps!r}")
+
+
+def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
+            num_blocks: int | None = None, block_size: int | None = None,
+            preserve: str = "scale", eps: float | None = None) -> AttnResModule:
+    """Convert every PreNorm residual stream of `model` into Block Attention Residuals.
+
+    Args:
+        model: any module torch.export (non-strict) can trace. It is never modified.
+        example_inputs: positional arguments for `model.forward` (a tuple, or one tensor).
+        kwargs: keyword arguments for `model.forward` (e.g. ``{"use_cache": False}``);
+            non-tensor values are fixed in the converted model.
+        num_blocks: N, blocks per stream (block size S = ceil(L / N) sublayers). Default 8.
+        block_size: S in sublayers (each attention and each MLP is one); 1 is Full AttnRes.
+        preserve: "scale" (the paper: zero queries give each sublayer the stream / M, which a
+            PreNorm consumer cannot tell apart) or "exact" (site output times M: bit-for-bit
+            the original stream at step 0 for any consumer; also admits non-PreNorm chains).
+        eps: RMS eps of every site; default the eps of the norm each site feeds, else 1e-6.
+
+    Returns:
+        An AttnResModule owning copies of the model's parameters plus `attnres.*`, with
+        `.attnres_report` describing chains, sites, blocks and every add left alone.
+    """
+    _validate(model, num_blocks, block_size, preserve, eps)
+    args, kwargs = normalize_inputs(example_inputs, kwargs)
+    name = type(model).__name__
+
+    # One private copy serves both captures, so both graphs read the same parameter objects.
+    work = copy.deepcopy(model)
+    train_cap = capture(work, args, kwargs, training=True, copy_model=False)
+    eval_cap = capture(work, args, kwargs, training=False, copy_model=False)
+    train_gm, eval_gm = train_cap.module, eval_cap.module
+    same = train_gm.code == eval_gm.code
+    if same:
+        eval_gm = None
+
+    train_an = analyse_streams(train_gm.graph)
+    chains, plans, refused = _select(train_an, preserve, num_blocks, block_size, eps)
+    report = _report(name, train_an, chains, plans, refused, preserve, num_blocks, block_size, same)
+    if not chains:
+        raise NoEligibleChainError(_no_chain_message(name, train_an, refused, preserve), report)
+
+    attnres = _build_parameters(plans)
+    train_gm.add_module("attnres", attnres)
+    for (chain, block), chain_plans in zip(chains, plans):
+        rewrite_chain(train_gm, chain, chain_plans, block)
+    if eval_gm is not None:
+        eval_an = analyse_streams(eval_gm.graph)
+        e_chains, e_plans, _ = _select(eval_an, preserve, num_blocks, block_size, eps)
+        if _layout(e_plans) != _layout(plans):
+            raise RuntimeError(
+                f"{name} has different residual streams in train and eval mode; cannot convert one set "
+                f"of parameters for both (train sites {len(_layout(plans))}, eval {len(_layout(e_plans))})"
+            )
+        eval_gm.add_module("attnres", attnres)
+        for (chain, block), chain_plans in zip(e_chains, e_plans):
+            rewrite_chain(eval_gm, chain, chain_plans, block)
+    for gm in (train_gm, eval_gm):
+        if gm is not None:
+            gm.graph.eliminate_dead_code(is_impure_node=_keep_impure)
+            gm.graph.lint()
+    constant_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    out = AttnResModule(train_gm, eval_gm, report, constant_kwargs, name)
+    out.train(model.training)
+    return out
+
+
+def _keep_impure(node) -> bool:
+    return node.is_impure()
+
+
+def attnres_parameters(converted: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters `convert()` added, by name (for their own optimizer group)."""
+    if not isinstance(converted, AttnResModule):
+        raise TypeError(f"expected a module returned by attnres_compile.convert(), got {type(converted).__name__}")
+    return {f"attnres.{n}": p for n, p in converted.attnres.named_parameters()}
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _select(analysis: StreamAnalysis, preserve, num_blocks, block_size, eps):
+    chains, plans, refused = [], [], []
+    for chain in analysis.chains:
+        if not chain.is_prenorm and preserve != "exact":
+            refused.append((chain, f"not PreNorm: {chain.prenorm_reason}; convert it with preserve='exact'"))
+            continue
+        s = resolve_block_size(len(chain.links), num_blocks, block_size)
+        chains.append((chain, s))
+        plans.append(plan_chain(chain, len(plans), s, preserve=preserve, eps=eps))
+    return chains, plans, refused
+
+
+def _layout(plans: list[list[SitePlan]]):
+    return [(p.chain, p.name, p.schedule.sources, p.dim) for ps in plans for p in ps]
+
+
+def _build_parameters(plans: list[list[SitePlan]]) -> nn.Module:
+    root = nn.Module()
+    for chain_plans in plans:
+        chain_mod = nn.Module()
+        for p in chain_plans:
+            if p.param_prefix is None:
+                continue
+            chain_mod.add_module(p.name, DepthAttentionSite(
+                p.dim, num_sources=p.schedule.num_sources, eps=p.eps, scale=p.scale,
+                dtype=p.dtype, device=p.device,
+            ))
+        root.add_module(f"chain{chain_plans[0].chain}", chain_mod)
+    return root
+
+
+def _report(name, analysis, chains, plans, refused, preserve, num_blocks, block_size, same) -> ConversionReport:
+    chain_reports = []
+    for (chain, s), chain_plans in zip(chains, plans):
+        sites = [
+            SiteReport(
+                name=p.name, sublayer=p.schedule.sublayer, module=p.module, block=p.schedule.block,
+                sources=list(p.schedule.sources), eps=p.eps, scale=p.scale,
+                parameters=[f"{p.param_prefix}.query", f"{p.param_prefix}.norm_weight"] if p.param_prefix else [],
+                reads=[],
+            )
+            for p in chain_plans
+        ]
+        chain_reports.append(ChainReport(
+            index=chain_plans[0].chain, start=chain.start.name, start_where=source_line(chain.start),
+            num_sublayers=len(chain.links), block_size=s, prenorm=chain.is_prenorm,
+            note=None if chain.is_prenorm else f"converted with preserve='exact' although {chain.prenorm_reason}",
+            sites=sites,
+            extra_uses=[f"{u.name} (site{i})" for i, u in chain.extra_uses],
+        ))
+    left = [LeftAloneReport(la.node.name, source_line(la.node), module_path(la.node), la.reason)
+            for la in analysis.left_alone]
+    refused_d = [{"start": c.start.name, "num_sublayers": len(c.links), "reason": r}
+                 for c, r in [*analysis.refused_chains, *refused]]
+    for c, r in refused:  # adds of chains refused for not being PreNorm are left alone too
+        for link in c.links:
+            for a in link.adds:
+                left.append(LeftAloneReport(a.name, source_line(a), module_path(a), r))
+    return ConversionReport(
+        model=name, preserve=preserve, num_blocks=num_blocks, block_size=block_size,
+        modes=["train+eval"] if same else ["train", "eval"], chains=chain_reports,
+        left_alone=left, refused_chains=refused_d,
+    )
+
+
+def _no_chain_message(name, analysis, refused, preserve) -> str:
+    reasons = Counter()
+    for c, r in [*analysis.refused_chains, *refused]:
+        reasons[r.split(":")[0] if r.startswith("PostNorm") else r] += 1
+    if not reasons:
+        residual_like = [la for la in analysis.left_alone]
+        if not residual_like:
+            why = "the graph has no add operations at all (no residual connections)"
+        else:
+            why = (f"none of its {len(residual_like)} add(s) is a residual add of a stream "
+                   f"(e.g. {residual_like[0].node.name}: {residual_like[0].reason})")
+    else:
+        why = "; ".join(f"{n} x {r}" if n > 1 else r for r, n in reasons.most_common(3))
+    msg = f"no residual stream of {name} is eligible for AttnRes: {why}"
+    if preserve != "exact" and any("not PreNorm" in r for _, r in refused):
+        msg += " (preserve='exact' converts additive chains that are not PreNorm)"
+    return msg

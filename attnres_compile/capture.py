@@ -1,0 +1,119 @@
+"""Capture: trace a model into an ATen graph with torch.export (non-strict).
+
+Non-strict export is the capture that works on Hugging Face models today (SPEC section 5);
+`torch.fx.symbolic_trace` does not. Every batch and sequence dimension is captured as
+`Dim.AUTO`, so converted models accept other sizes whenever the model allows it.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from dataclasses import dataclass
+
+import torch
+from torch.export import Dim
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+
+@dataclass
+class Captured:
+    module: GraphModule         # unlifted graph module (parameters as attributes)
+    training: bool
+
+
+def normalize_inputs(example_inputs, kwargs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    elif isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(
+            "example_inputs must be a tuple of positional arguments for the model's forward "
+            f"(or a single tensor), got {type(example_inputs).__name__}"
+        )
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
+    return example_inputs, dict(kwargs)
+
+
+def _auto_dims(args: tuple, kwargs: dict):
+    """One Dim.AUTO per dimension of every tensor input (export specialises what it must)."""
+
+    def spec(x):
+        if isinstance(x, torch.Tensor):
+            return {i: Dim.AUTO for i in range(x.dim())} if x.dim() else None
+        return None
+
+    return tuple(pytree.tree_map(spec, a) for a in args) + tuple(
+        pytree.tree_map(spec, v) for v in kwargs.values()
+    )
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and this package: where the model failed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and cause.__traceback__ is not None:
+        frames += traceback.extract_tb(cause.__traceback__)
+        cause = cause.__cause__ or cause.__context__
+    user = [f for f in frames if "/torch/" not in f.filename and "attnres_compile" not in f.filename]
+    if not user:
+        return ""
+    f = user[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def _user_line_from_message(msg: str) -> str:
+    # torch.export errors quote the user's code as 'File "...", line N, in fn' + code line
+    lines = msg.splitlines()
+    best = ""
+    for i, ln in enumerate(lines):
+        s = ln.strip()
+        if s.startswith('File "') and "/torch/" not in s:
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            best = f"{s} :: {code}" if code else s
+    return best
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool,
+            dynamic: bool = True, copy_model: bool = True) -> Captured:
+    """Export `model` in train or eval mode to an unlifted GraphModule.
+
+    With copy_model=False the caller passes its own private copy, whose mode is changed.
+    """
+    if copy_model:
+        model = copy.deepcopy(model)
+    model.train(training)
+    dynamic_shapes = _auto_dims(args, kwargs) if dynamic else None
+    try:
+        ep = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+    except Exception as exc:  # export raises many types; the user needs one clear message
+        raise _capture_error(model, exc) from exc
+    return Captured(ep.module(), training)
+
+
+def _capture_error(model, exc: BaseException) -> CaptureError:
+    name = type(model).__name__
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = _user_line_from_message(str(exc)) or _user_frame(exc)
+    kind = type(exc).__name__
+    data_dependent = any(
+        key in str(exc) for key in ("data-dependent", "Could not guard on data-dependent", "GuardOnDataDependent")
+    ) or "DataDependent" in kind
+    if data_dependent:
+        hint = ("the model has data-dependent control flow (Python branching on tensor values), "
+                "which torch.export cannot capture; rewrite it with torch.cond or move it out of forward")
+    elif isinstance(exc, (TypeError, ValueError, RuntimeError, IndexError, AttributeError)) and "/torch/" not in where:
+        hint = "the model raised while running on example_inputs; check that they match its forward()"
+    else:
+        hint = "torch.export (non-strict) could not trace the model"
+    msg = f"cannot capture {name}: {hint}.\n  {kind}: {first}"
+    if where:
+        msg += f"\n  at {where}"
+    return CaptureError(msg)

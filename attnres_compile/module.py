@@ -1,0 +1,133 @@
+"""The module `convert()` returns: rewritten graphs plus the parameters they read.
+
+Mode-dependent behaviour (dropout, batch-norm statistics, `if self.training:` in the model's
+code) is baked into a captured graph, so conversion captures the model in train *and* eval
+mode and this module runs the graph matching `self.training`. Both graphs read one set of
+parameters and buffers, laid out under the original module paths, so `state_dict()` keys are
+the original model's plus `attnres.*`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule
+
+from .report import ConversionReport
+
+
+def _resolve(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has(root: nn.Module, target: str) -> bool:
+    try:
+        _resolve(root, target)
+        return True
+    except AttributeError:
+        return False
+
+
+class AttnResModule(nn.Module):
+    """A model converted to Block Attention Residuals. Train, save and load it like any module.
+
+    Attributes:
+        attnres: the new parameters, `attnres.chain<c>.<site>.{query,norm_weight}`.
+        attnres_report: the ConversionReport (print it, or `.to_dict()`).
+    """
+
+    def __init__(self, train_gm: GraphModule, eval_gm: GraphModule | None,
+                 report: ConversionReport, constant_kwargs: dict, model_name: str):
+        super().__init__()
+        # Adopt the captured module tree: same objects, so both graphs share parameters.
+        for name, child in train_gm.named_children():
+            self.add_module(name, child)
+        for name, p in train_gm._parameters.items():
+            self.register_parameter(name, p)
+        for name, b in train_gm._buffers.items():
+            self.register_buffer(name, b, persistent=name not in train_gm._non_persistent_buffers_set)
+        self._in_spec = train_gm._in_spec
+        self._out_spec = train_gm._out_spec
+        self._constant_kwargs = constant_kwargs
+        self._model_name = model_name
+        self.attnres_report = report
+
+        train_graph = self._adopt_graph(train_gm, "train")
+        graphs = {"train": train_graph}
+        if eval_gm is not None:
+            if eval_gm._in_spec != train_gm._in_spec or eval_gm._out_spec != train_gm._out_spec:
+                raise RuntimeError("internal error: train and eval captures disagree on input/output structure")
+            graphs["eval"] = self._adopt_graph(eval_gm, "eval")
+        else:
+            graphs["eval"] = train_graph
+        self._graphs = graphs
+        self._compile()
+
+    # -- graphs ----------------------------------------------------------------------------
+    def _adopt_graph(self, gm: GraphModule, mode: str) -> Graph:
+        """Make every attribute `gm`'s graph reads resolve on self to the very same object."""
+        graph = gm.graph
+        for node in graph.nodes:
+            if node.op not in ("get_attr", "call_module"):
+                continue
+            obj = _resolve(gm, node.target)
+            if _has(self, node.target) and _resolve(self, node.target) is obj:
+                continue
+            new = f"_{mode}_" + node.target.replace(".", "_")
+            if isinstance(obj, nn.Module):
+                self.add_module(new, obj)
+            elif isinstance(obj, torch.Tensor) and not isinstance(obj, nn.Parameter):
+                # tensor constants: buffers so .to() moves them, non-persistent so state_dict skips them
+                self.register_buffer(new, obj, persistent=False)
+            else:
+                setattr(self, new, obj)
+            node.target = new
+
+        return graph
+
+    def _compile(self) -> None:
+        fns = {}
+        for mode, graph in self._graphs.items():
+            if mode == "eval" and graph is self._graphs["train"]:
+                fns[mode] = fns["train"]
+                continue
+            # GraphModule generates forward(self, ...) from the graph; we run it with self = this
+            # module, whose attributes are the ones the graph reads.
+            fns[mode] = type(GraphModule(self, graph, class_name=f"AttnRes{mode.title()}Graph")).forward
+        self._forward_fns = fns
+
+    @property
+    def graph(self) -> Graph:
+        """The rewritten graph for the current mode."""
+        return self._graphs["train" if self.training else "eval"]
+
+    @property
+    def code(self) -> str:
+        return self.graph.python_code(root_module="self").src
+
+    def forward(self, *args, **kwargs):
+        for key, value in self._constant_kwargs.items():
+            if key not in kwargs:
+                kwargs[key] = value
+            elif kwargs[key] != value:
+                raise ValueError(
+                    f"keyword argument {key}={kwargs[key]!r} differs from the value {value!r} the model "
+                    f"was converted with; non-tensor arguments are fixed at conversion"
+                )
+        return self._forward_fns["train" if self.training else "eval"](self, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_forward_fns", None)  # generated code: rebuilt from the graphs on load
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+    def extra_repr(self) -> str:
+        r = self.attnres_report
+        return f"model={self._model_name}, chains={len(r.chains)}, sites={r.num_sites}, preserve={r.preserve!r}"

@@ -1,0 +1,38 @@
+"""The parameters of one depth-attention site, as a module the converted model owns."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DepthAttentionSite(nn.Module):
+    """Pseudo-query `query` [D] (zero-initialised) and key-norm gain `norm_weight` [D] (ones).
+
+    Not an nn.Linear on purpose: a model's global init loop (`model.apply(_init_weights)`)
+    matches Linear/Embedding and must not overwrite the zero query (PAPER.md, pitfall 2).
+    """
+
+    def __init__(self, dim: int, *, num_sources: int, eps: float, scale: float,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.dim = dim
+        self.num_sources = num_sources
+        self.eps = float(eps)
+        self.scale = float(scale)
+        self.query = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
+        self.norm_weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.query.zero_()
+        self.norm_weight.fill_(1.0)
+
+    def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
+        """sources: M tensors [..., D] -> [..., D]."""
+        from .depth_attention import depth_attention
+
+        return depth_attention(sources, self.query, self.norm_weight, eps=self.eps, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_sources={self.num_sources}, eps={self.eps:g}, scale={self.scale:g}"

@@ -1,0 +1,295 @@
+"""Find residual streams in a captured graph (SPEC section 5).
+
+Match step of the rewrite: classify every `add` of the graph as a residual link or as left
+alone (with the reason), group links into chains, and decide per chain whether it is PreNorm.
+Nothing here mutates the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Graph, Node
+
+from . import prenorm
+from .graph_utils import (
+    ADD_OPS,
+    INPLACE_ADD_OPS,
+    METADATA_ONLY,
+    WEIGHT_OPS,
+    alias_closure,
+    alias_root,
+    ancestors_after,
+    common_module_path,
+    descendants_within,
+    forward_closure,
+    module_path,
+    node_index,
+    same_shape,
+    source_line,
+    tensor_meta,
+)
+
+MIN_LINKS = 2  # a lone residual add is a skip connection, not a stream worth attending over
+
+
+@dataclass
+class Link:
+    """One residual add `a_{l+1} = a_l + f_l(a_l)`."""
+
+    add: Node                   # the add producing the next stream value
+    stream: Node                # the add's operand that carries the stream (maybe an alias)
+    root: Node                  # the value the stream really is (through identity casts/views)
+    branches: list[Node]        # f_l's output(s); two for parallel attention + MLP
+    region: set[Node]           # nodes on the paths stream -> branches (the sublayer)
+    absorbed: list[Node] = field(default_factory=list)  # inner add of a parallel residual
+    module: str = ""
+    prenorm: prenorm.DegreeResult | None = None
+
+    @property
+    def adds(self) -> list[Node]:
+        return [*self.absorbed, self.add]
+
+
+@dataclass
+class Chain:
+    links: list[Link]
+    final: prenorm.DegreeResult | None = None
+    prenorm_reason: str | None = None   # None when the chain is PreNorm
+    extra_uses: list[tuple[int, Node]] = field(default_factory=list)  # (site, user) outside the chain
+
+    @property
+    def start(self) -> Node:
+        return self.links[0].root
+
+    @property
+    def end(self) -> Node:
+        return self.links[-1].add
+
+    @property
+    def is_prenorm(self) -> bool:
+        return self.prenorm_reason is None
+
+    def stream_values(self) -> list[Node]:
+        """a_0 .. a_L: the stream before each link and after the last."""
+        return [self.links[0].root] + [lk.add for lk in self.links]
+
+
+@dataclass
+class LeftAlone:
+    node: Node
+    reason: str
+
+
+@dataclass
+class StreamAnalysis:
+    chains: list[Chain]
+    left_alone: list[LeftAlone]
+    refused_chains: list[tuple[Chain, str]]
+
+
+def _describe(node: Node) -> str:
+    loc = source_line(node)
+    return f"{node.name} ({loc})" if loc else node.name
+
+
+def _op_name(node: Node) -> str:
+    t = node.target
+    return getattr(t, "__name__", None) or str(t)
+
+
+def _classify_add(node: Node, index: dict[Node, int]):
+    """Return a Link candidate or a reason string."""
+    if node.target in INPLACE_ADD_OPS:
+        return "in-place add (add_) is not rewritten"
+    if node.kwargs.get("alpha", 1) != 1 or (len(node.args) > 2 and node.args[2] != 1):
+        return "add with alpha != 1"
+    a, b = node.args[0], node.args[1]
+    if not isinstance(a, Node) or not isinstance(b, Node):
+        return "scalar operand (eps, offset or constant add)"
+    ta, tb = tensor_meta(a), tensor_meta(b)
+    if ta is None or tb is None:
+        return "operands are not tensors"
+    if not (ta.dtype.is_floating_point and tb.dtype.is_floating_point):
+        return f"non-floating operands ({ta.dtype}, {tb.dtype})"
+    if ta.dtype != tb.dtype:
+        return f"mixed dtypes ({ta.dtype} + {tb.dtype})"
+    if not same_shape(ta, tb):
+        return f"broadcasting or bias add (shapes {tuple(ta.shape)} and {tuple(tb.shape)})"
+    x, y = (a, b) if index[a] < index[b] else (b, a)
+    root = alias_root(x)
+    anc = ancestors_after(y, index[root], index)
+    if root not in anc:
+        return ("independent", x, y)
+    aliases = alias_closure(root)
+    region = set(descendants_within(aliases, anc, index))
+    region.discard(node)
+    if not any(n.op == "call_function" and n.target in WEIGHT_OPS for n in region):
+        return "branch holds no matmul, linear or convolution (elementwise add such as rotary or an activation)"
+    return Link(add=node, stream=x, root=root, branches=[y], region=region)
+
+
+def _try_parallel(node: Node, x: Node, y: Node, links_by_add: dict[Node, Link], index) -> Link | None:
+    """`(a + f(a)) + g(a)`: two branches reading one stream, added in one step (SPEC section 5)."""
+    for inner, other in ((x, y), (y, x)):
+        link = links_by_add.get(inner)
+        if link is None or len(inner.users) != 1:
+            continue
+        anc = ancestors_after(other, index[link.root], index)
+        if link.root not in anc or inner in anc:
+            continue
+        region = set(descendants_within(alias_closure(link.root), anc, index))
+        if not any(n.op == "call_function" and n.target in WEIGHT_OPS for n in region):
+            continue
+        return Link(
+            add=node, stream=link.stream, root=link.root, branches=[*link.branches, other],
+            region=link.region | region, absorbed=[*link.absorbed, inner],
+        )
+    return None
+
+
+def find_links(graph: Graph, index: dict[Node, int]):
+    links: dict[Node, Link] = {}
+    left: dict[Node, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or not (node.target in ADD_OPS or node.target in INPLACE_ADD_OPS):
+            continue
+        res = _classify_add(node, index)
+        if isinstance(res, Link):
+            links[node] = res
+            continue
+        if isinstance(res, tuple):
+            _, x, y = res
+            merged = _try_parallel(node, x, y, links, index)
+            if merged is not None:
+                for inner in merged.absorbed:
+                    links.pop(inner, None)
+                links[node] = merged
+                continue
+            res = "operands are independent (no residual dependence)"
+        left[node] = res
+    return links, left
+
+
+def _link_prenorm(link: Link, index) -> prenorm.DegreeResult:
+    aliases = alias_closure(link.root)
+    nodes = sorted(link.region, key=index.__getitem__)
+    return prenorm.analyse(aliases, nodes, link.branches)
+
+
+def _stream_users(value: Node, exclude: set[Node]) -> list[Node]:
+    """Users of `value` and its identity aliases, minus aliases, `exclude` and metadata asserts."""
+    aliases = alias_closure(value)
+    members = set(aliases)
+    out = []
+    for a in aliases:
+        for u in a.users:
+            if u in members or u in exclude or u in out:
+                continue
+            if u.op == "call_function" and u.target in METADATA_ONLY:
+                continue
+            out.append(u)
+    return out
+
+
+def _why_not_prenorm(where: str, res: prenorm.DegreeResult) -> str:
+    if res.offending is not None:
+        return f"{where} reads the stream through {_op_name(res.offending)} at {_describe(res.offending)} before any norm"
+    if res.leak is not None:
+        return f"{where} reaches {_describe(res.leak)} without a scale-invariant norm"
+    return f"{where} is not normalized"
+
+
+def analyse_streams(graph: Graph) -> StreamAnalysis:
+    index = node_index(graph)
+    links, left = find_links(graph, index)
+
+    # Group links into chains: link k+1 reads (through casts/views) the output of link k.
+    followers: dict[Node, list[Link]] = {}
+    for link in links.values():
+        followers.setdefault(link.root, []).append(link)
+    forked: set[Node] = set()
+    for root, fl in followers.items():
+        if len(fl) > 1:
+            for lk in fl:
+                forked.add(lk.add)
+    chains: list[Chain] = []
+    for link in sorted(links.values(), key=lambda lk: index[lk.add]):
+        if link.root in links and link.add not in forked:
+            continue  # continues an earlier chain
+        seq = [link]
+        while True:
+            nxt = followers.get(seq[-1].add, [])
+            if len(nxt) != 1 or nxt[0].add in forked:
+                break
+            seq.append(nxt[0])
+        chains.append(Chain(seq))
+
+    refused: list[tuple[Chain, str]] = []
+    kept: list[Chain] = []
+    for chain in chains:
+        if len(chain.links) < MIN_LINKS:
+            refused.append((chain, _single_link_reason(chain, links, index)))
+            continue
+        kept.append(chain)
+
+    for chain in kept:
+        reasons = []
+        for i, link in enumerate(chain.links):
+            link.module = common_module_path(
+                [n for n in link.region if n.op == "call_function" and n.target in WEIGHT_OPS]
+            ) or module_path(link.branches[0])
+            link.prenorm = _link_prenorm(link, index)
+            if not link.prenorm.ok and not reasons:
+                reasons.append(_why_not_prenorm(f"sublayer {i} ({link.module or link.add.name})", link.prenorm))
+        end_aliases = alias_closure(chain.end)
+        chain.final = prenorm.output_leaks(end_aliases, forward_closure(end_aliases, index))
+        if not chain.final.ok and not reasons:
+            reasons.append(_why_not_prenorm("the chain's final consumer", chain.final))
+        # Other readers of intermediate stream values (e.g. returned hidden states).
+        for i, link in enumerate(chain.links):
+            exclude = set(link.region) | set(link.adds)
+            for u in _stream_users(link.root, exclude):
+                chain.extra_uses.append((i, u))
+        for i, u in chain.extra_uses:
+            res = prenorm.output_leaks(alias_closure(chain.links[i].root), forward_closure([u], index))
+            if not res.ok and not reasons:
+                reasons.append(_why_not_prenorm(f"a use of the stream outside the chain ({_describe(u)})", res))
+        chain.prenorm_reason = reasons[0] if reasons else None
+
+    # Adds inside an accepted sublayer get that as their reason.
+    inside: dict[Node, str] = {}
+    for chain in kept:
+        for i, link in enumerate(chain.links):
+            for n in link.region:
+                if n.op == "call_function" and n.target in ADD_OPS:
+                    inside[n] = f"inside sublayer {i} ({link.module or link.add.name}) of the chain from {chain.start.name}"
+
+    def with_place(n: Node, reason: str) -> str:
+        return f"{inside[n]}: {reason}" if n in inside else reason
+
+    left_alone = [LeftAlone(n, with_place(n, reason)) for n, reason in left.items()]
+    for chain, reason in refused:
+        for link in chain.links:
+            for a in link.adds:
+                left_alone.append(LeftAlone(a, with_place(a, reason)))
+    left_alone.sort(key=lambda la: index[la.node])
+    return StreamAnalysis(kept, left_alone, refused)
+
+
+def _single_link_reason(chain: Chain, links: dict[Node, Link], index) -> str:
+    link = chain.links[0]
+    # PostNorm: the add feeds a norm whose output is the stream of another residual add.
+    for u in _stream_users(link.add, set()):
+        if u.op == "call_function" and u.target in prenorm.NORM_OPS:
+            normed = [u] + [g for g in u.users if g.op == "call_function" and "getitem" in str(g.target)]
+            for other in links.values():
+                if alias_root(other.stream) in normed or other.root in normed:
+                    return (f"PostNorm block: the residual output goes through the norm {_describe(u)} "
+                            "before the next residual add, which breaks the stream")
+    if link.add.target in ADD_OPS and any(
+        isinstance(x, Node) and x.op == "call_function" and x.target in prenorm.NORM_OPS for x in link.add.users
+    ):
+        return f"PostNorm block: the residual output is normalized by {_describe(next(iter(link.add.users)))}"
+    return f"a single residual add, not a stream (a chain needs at least {MIN_LINKS} links)"

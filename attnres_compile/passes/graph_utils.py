@@ -1,0 +1,214 @@
+"""Small helpers over captured ATen graphs: op classes, node metadata, ancestry.
+
+Everything here reads a graph; nothing mutates it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+
+def _overloads(*packets) -> frozenset:
+    """All overloads of the given op packets (so `aten.view` covers view.default, view.dtype...)."""
+    out = set()
+    for packet in packets:
+        for name in packet.overloads():
+            out.add(getattr(packet, name))
+    return frozenset(out)
+
+
+# Ops that make a sublayer a sublayer: a residual branch must hold one of them (SPEC section 5).
+WEIGHT_OPS = _overloads(
+    aten.linear, aten.addmm, aten.mm, aten.bmm, aten.baddbmm, aten.matmul, aten.einsum,
+    aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convolution,
+    aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
+    aten.scaled_dot_product_attention,
+)
+
+# Ops that return their input's value unchanged when shape and dtype are unchanged.
+IDENTITY_WHEN_SAME_META = _overloads(
+    aten.to, aten._to_copy, aten.view, aten.reshape, aten._unsafe_view, aten.contiguous,
+    aten.clone, aten.alias, aten.type_as, aten.flatten, aten.lift_fresh_copy,
+)
+
+CASTS = _overloads(aten.to, aten._to_copy, aten.type_as)
+
+METADATA_ONLY = _overloads(
+    aten._assert_tensor_metadata, aten.sym_size, aten.sym_stride, aten.sym_numel,
+    aten.sym_storage_offset,
+)
+
+ADD_OPS = _overloads(aten.add)
+INPLACE_ADD_OPS = frozenset({aten.add_.Tensor, aten.add_.Scalar})
+
+
+def tensor_meta(node) -> torch.Tensor | None:
+    """The fake tensor recorded for `node` by torch.export, or None."""
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dim() != b.dim():
+        return False
+    for x, y in zip(a.shape, b.shape):
+        if isinstance(x, int) and isinstance(y, int):
+            if x != y:
+                return False
+        elif str(x) != str(y):
+            return False
+    return True
+
+
+def same_meta(a: Node, b: Node) -> bool:
+    ta, tb = tensor_meta(a), tensor_meta(b)
+    return ta is not None and tb is not None and ta.dtype == tb.dtype and same_shape(ta, tb)
+
+
+def is_identity_alias(node: Node) -> bool:
+    """True if `node` is a cast/view that leaves its first input's value untouched."""
+    if node.op != "call_function" or node.target not in IDENTITY_WHEN_SAME_META:
+        return False
+    if not node.args or not isinstance(node.args[0], Node):
+        return False
+    return same_meta(node, node.args[0])
+
+
+def alias_root(node: Node) -> Node:
+    """Walk back through identity casts/views to the node that really produced the value."""
+    while is_identity_alias(node):
+        node = node.args[0]
+    return node
+
+
+def alias_closure(node: Node) -> list[Node]:
+    """`node` and every identity cast/view of it (transitively), in graph order."""
+    seen = [node]
+    queue = deque([node])
+    members = {node}
+    while queue:
+        cur = queue.popleft()
+        for user in cur.users:
+            if user not in members and is_identity_alias(user) and user.args[0] is cur:
+                members.add(user)
+                seen.append(user)
+                queue.append(user)
+    return seen
+
+
+def source_line(node: Node) -> str:
+    """Where `node` came from in the user's code: 'file.py:12 in forward: <code>', or ''.
+
+    Takes the innermost frame outside torch itself, so a LayerNorm reports the model line
+    that called it rather than torch/nn/functional.py.
+    """
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln for ln in trace.strip().splitlines() if ln.strip()]
+    frames = []
+    for i, ln in enumerate(lines):
+        s = ln.strip()
+        if s.startswith("File "):
+            frames.append((s, lines[i + 1].strip() if i + 1 < len(lines) else ""))
+    if not frames:
+        return ""
+    user = [f for f in frames if "/torch/" not in f[0]]
+    location, code = (user or frames)[-1]
+    try:
+        _, path, rest = location.split('"', 2)
+        lineno = rest.split("line", 1)[1].split(",")[0].strip()
+        func = rest.split(" in ")[-1].strip()
+        short = "/".join(path.split("/")[-2:])
+        location = f"{short}:{lineno} in {func}"
+    except (IndexError, ValueError):
+        pass
+    return f"{location}: {code}" if code else location
+
+
+def module_path(node: Node) -> str:
+    """Dotted path of the innermost module that produced `node` ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return _clean_path(path)
+
+
+def common_module_path(nodes: Iterable[Node]) -> str:
+    """Longest common module path of nodes (the sublayer a branch lives in)."""
+    paths = [module_path(n).split(".") for n in nodes if module_path(n)]
+    if not paths:
+        return ""
+    prefix = paths[0]
+    for p in paths[1:]:
+        k = 0
+        while k < min(len(prefix), len(p)) and prefix[k] == p[k]:
+            k += 1
+        prefix = prefix[:k]
+    return ".".join(prefix)
+
+
+def _clean_path(path: str) -> str:
+    # torch.export records paths like "L['self'].layers[0].mlp" or "layers.0.mlp"
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        part = part.strip("'\"")
+        if part:
+            out.append(part)
+    return ".".join(out)
+
+
+def node_index(graph: torch.fx.Graph) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def ancestors_after(target: Node, floor: int, index: dict[Node, int]) -> set[Node]:
+    """Ancestors of `target` (inclusive) whose graph position is >= floor.
+
+    Pruning at `floor` keeps each query local to one sublayer, so analysing a chain is linear
+    in graph size rather than quadratic.
+    """
+    seen = {target}
+    queue = deque([target])
+    while queue:
+        cur = queue.popleft()
+        for inp in cur.all_input_nodes:
+            if inp not in seen and index[inp] >= floor:
+                seen.add(inp)
+                queue.append(inp)
+    return seen
+
+
+def descendants_within(sources: Iterable[Node], allowed: set[Node], index: dict[Node, int]) -> list[Node]:
+    """Nodes of `allowed` that depend on any of `sources`, in graph order (sources excluded)."""
+    src = set(sources)
+    dep: set[Node] = set(src)
+    out = []
+    for n in sorted(allowed, key=index.__getitem__):
+        if n in src:
+            continue
+        if any(i in dep for i in n.all_input_nodes):
+            dep.add(n)
+            out.append(n)
+    return out
+
+
+def forward_closure(starts: Iterable[Node], index: dict[Node, int]) -> list[Node]:
+    """All descendants of `starts` (inclusive), in graph order."""
+    seen = set()
+    queue = deque(starts)
+    while queue:
+        cur = queue.popleft()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        queue.extend(cur.users)
+    return sorted(seen, key=index.__getitem__)
