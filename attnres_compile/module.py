@@ -31,6 +31,14 @@ def _has(root: nn.Module, target: str) -> bool:
         return False
 
 
+class _Specs:
+    def __init__(self, in_spec, out_spec):
+        self.in_spec, self.out_spec = in_spec, out_spec
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class AttnResModule(nn.Module):
     """A model converted to Block Attention Residuals. Train, save and load it like any module.
 
@@ -49,8 +57,7 @@ class AttnResModule(nn.Module):
             self.register_parameter(name, p)
         for name, b in train_gm._buffers.items():
             self.register_buffer(name, b, persistent=name not in train_gm._non_persistent_buffers_set)
-        self._in_spec = train_gm._in_spec
-        self._out_spec = train_gm._out_spec
+        self._specs = _Specs(train_gm._in_spec, train_gm._out_spec)
         self._constant_kwargs = constant_kwargs
         self._model_name = model_name
         self.attnres_report = report
@@ -65,6 +72,16 @@ class AttnResModule(nn.Module):
             graphs["eval"] = train_graph
         self._graphs = graphs
         self._compile()
+
+    # The generated forward reads self._in_spec / self._out_spec (pytree structure of inputs
+    # and outputs); they are immutable, so copies of this module share them.
+    @property
+    def _in_spec(self):
+        return self._specs.in_spec
+
+    @property
+    def _out_spec(self):
+        return self._specs.out_spec
 
     # -- graphs ----------------------------------------------------------------------------
     def _adopt_graph(self, gm: GraphModule, mode: str) -> Graph:
