@@ -1,0 +1,286 @@
+"""The depth-attention operator ``attnres::depth_attention`` and its analytic backward.
+
+Math (SPEC.md section 2), per token, with sources ``v_1..v_M`` of shape ``[..., D]``,
+pseudo-query ``w`` and key-norm gain ``g`` (both ``[D]``)::
+
+    r_j     = rms(v_j) = sqrt(mean_d(v_jd^2) + eps)
+    s_j     = sum_d w_d * g_d * v_jd / r_j
+    alpha   = softmax_j(s_j)
+    h       = scale * sum_j alpha_j * v_j
+
+Two custom ops are registered, so that graphs captured by ``torch.export`` or aot_autograd see
+one node for the forward and one for the backward:
+
+* ``attnres::depth_attention(Tensor[] sources, Tensor query, Tensor norm_weight, float eps,
+  float scale) -> Tensor``
+* ``attnres::depth_attention_backward(Tensor grad_out, Tensor[] sources, Tensor query,
+  Tensor norm_weight, float eps, float scale) -> (Tensor[], Tensor, Tensor)``
+
+The backward is analytic (it does not autograd through the forward). With ``u = w * g``,
+``k_j = v_j / r_j`` and ``G = scale * grad_out``::
+
+    da_j           = G . v_j
+    ds_j           = alpha_j * (da_j - sum_i alpha_i * da_i)
+    grad v_j       = alpha_j * G + ds_j * (u / r_j - s_j * v_j / (D * r_j^2))
+    du             = sum over tokens of sum_j ds_j * k_j
+    grad query     = du * g
+    grad norm_wt   = du * w
+
+All math runs in float32 (float64 when the sources are float64); results are cast back to
+each input's dtype. The compute lives in ``_depth_attention_forward_impl`` and
+``_depth_attention_backward_impl``; the op bodies look them up at call time, so a generated
+kernel can replace either by rebinding the module attribute.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["depth_attention"]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_param(name: str, t: object, dim: int, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [D] = [{dim}], got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if tuple(t.shape) != (dim,):
+        raise ValueError(
+            f"{name} must have shape [D] = [{dim}] (D is the last dimension of the sources), "
+            f"got {list(t.shape)}"
+        )
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the sources are on {device}")
+
+
+def _check_inputs(sources: object, query: object, norm_weight: object, eps: object, scale: object) -> None:
+    """Raise TypeError/ValueError naming the offending argument; return None when all is well."""
+    if not isinstance(sources, (list, tuple)):
+        raise TypeError(f"sources must be a list or tuple of tensors, got {type(sources).__name__}")
+    if len(sources) == 0:
+        raise ValueError("sources must contain at least one tensor (M >= 1), got an empty sequence")
+    for i, s in enumerate(sources):
+        if not isinstance(s, Tensor):
+            raise TypeError(f"sources[{i}] must be a torch.Tensor, got {type(s).__name__}")
+    first = sources[0]
+    if first.dim() == 0:
+        raise ValueError("sources[0] must have shape [..., D] with at least one dimension, got a 0-d tensor")
+    if not first.is_floating_point():
+        raise TypeError(f"sources must be floating-point tensors, got sources[0] of dtype {first.dtype}")
+    if first.shape[-1] == 0:
+        raise ValueError(f"sources must have a non-empty last dimension D, got shape {list(first.shape)}")
+    for i, s in enumerate(sources[1:], start=1):
+        if s.shape != first.shape:
+            raise ValueError(
+                f"sources[{i}] has shape {list(s.shape)} but sources[0] has shape {list(first.shape)}; "
+                "all sources must have the same shape"
+            )
+        if s.dtype != first.dtype:
+            raise TypeError(
+                f"sources[{i}] has dtype {s.dtype} but sources[0] has dtype {first.dtype}; "
+                "all sources must have the same dtype"
+            )
+        if s.device != first.device:
+            raise ValueError(
+                f"sources[{i}] is on {s.device} but sources[0] is on {first.device}; "
+                "all sources must be on the same device"
+            )
+    dim = first.shape[-1]
+    _check_param("query", query, dim, first.device)
+    _check_param("norm_weight", norm_weight, dim, first.device)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
+# --------------------------------------------------------------------------------------------
+# Compute (the swappable hot path)
+# --------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scores(vs: list[Tensor], u: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-source logits ``s`` [M, ...] and inverse RMS ``1/r`` [M, ...] (compute dtype)."""
+    dim = vs[0].shape[-1]
+    inv_r = torch.stack([torch.rsqrt(torch.linalg.vector_norm(v, dim=-1).square() / dim + eps) for v in vs])
+    s = torch.stack([torch.matmul(v, u) for v in vs]) * inv_r
+    return s, inv_r
+
+
+def _depth_attention_forward_impl(
+    sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
+) -> Tensor:
+    """sources: M x [..., D]; query, norm_weight: [D] -> h [..., D] (contiguous, sources' dtype)."""
+    out_dtype = sources[0].dtype
+    compute = _compute_dtype(out_dtype)
+    vs = [s.to(compute) for s in sources]
+    u = query.to(compute) * norm_weight.to(compute)
+    s, _ = _scores(vs, u, eps)
+    weights = torch.softmax(s, dim=0).unsqueeze(-1)  # [M, ..., 1]
+    if scale != 1.0:
+        weights = weights * scale
+    h = vs[0] * weights[0]
+    for j in range(1, len(vs)):
+        h.addcmul_(vs[j], weights[j])
+    return h.to(out_dtype).contiguous()
+
+
+def _depth_attention_backward_impl(
+    grad_out: Tensor, sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Analytic backward: grads of every source [..., D], of query [D] and of norm_weight [D]."""
+    src_dtype = sources[0].dtype
+    compute = _compute_dtype(src_dtype)
+    dim = sources[0].shape[-1]
+    vs = [s.to(compute) for s in sources]
+    w = query.to(compute)
+    g = norm_weight.to(compute)
+    u = w * g
+    s, inv_r = _scores(vs, u, eps)                           # [M, ...]
+    alpha = torch.softmax(s, dim=0)                          # [M, ...]
+    grad = grad_out.to(compute) * scale                      # [..., D]; also densifies expanded grads
+    da = torch.stack([torch.linalg.vecdot(grad, v) for v in vs])
+    # ds_j = alpha_j * (da_j - sum_i alpha_i da_i) is shift invariant in da. Measuring da from
+    # the winning source keeps it accurate when the softmax is peaked (alpha_max -> 1):
+    # the winner's own term is then exactly zero instead of a difference of near-equal numbers.
+    da = da - da.gather(0, s.argmax(dim=0, keepdim=True))
+    ds = alpha * (da - (alpha * da).sum(dim=0, keepdim=True))
+    c_u = ds * inv_r                                          # coefficient of u (and of v_j in du)
+    c_v = c_u * s * inv_r / dim                               # coefficient of -v_j
+
+    grad_sources: list[Tensor] = []
+    du = torch.zeros(dim, dtype=compute, device=u.device)
+    for j, v in enumerate(vs):
+        dv = grad * alpha[j].unsqueeze(-1)
+        dv.addcmul_(c_u[j].unsqueeze(-1), u)
+        dv.addcmul_(c_v[j].unsqueeze(-1), v, value=-1.0)
+        grad_sources.append(dv.to(src_dtype).contiguous())
+        du.addmv_(v.reshape(-1, dim).t(), c_u[j].reshape(-1))
+    grad_query = (du * g).to(query.dtype)
+    grad_norm_weight = (du * w).to(norm_weight.dtype)
+    return grad_sources, grad_query, grad_norm_weight
+
+
+# --------------------------------------------------------------------------------------------
+# Op registration
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnres::depth_attention", mutates_args=())
+def _depth_attention_op(
+    sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
+) -> Tensor:
+    _check_inputs(sources, query, norm_weight, eps, scale)
+    return _depth_attention_forward_impl(sources, query, norm_weight, eps, scale)
+
+
+@_depth_attention_op.register_fake
+def _depth_attention_fake(
+    sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
+) -> Tensor:
+    _check_inputs(sources, query, norm_weight, eps, scale)
+    return sources[0].new_empty(sources[0].shape)
+
+
+@torch.library.custom_op("attnres::depth_attention_backward", mutates_args=())
+def _depth_attention_backward_op(
+    grad_out: Tensor, sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    _check_inputs(sources, query, norm_weight, eps, scale)
+    if grad_out.shape != sources[0].shape:
+        raise ValueError(f"grad_out has shape {list(grad_out.shape)}, expected {list(sources[0].shape)}")
+    return _depth_attention_backward_impl(grad_out, sources, query, norm_weight, eps, scale)
+
+
+@_depth_attention_backward_op.register_fake
+def _depth_attention_backward_fake(
+    grad_out: Tensor, sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    _check_inputs(sources, query, norm_weight, eps, scale)
+    return (
+        [s.new_empty(s.shape) for s in sources],
+        query.new_empty(query.shape),
+        norm_weight.new_empty(norm_weight.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    sources, query, norm_weight, eps, scale = inputs
+    ctx.save_for_backward(*sources, query, norm_weight)
+    ctx.num_sources = len(sources)
+    ctx.eps = eps
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out: Tensor):
+    *sources, query, norm_weight = ctx.saved_tensors
+    # For a list argument, needs_input_grad holds a list of bools (one per source).
+    need_sources, need_query, need_norm_weight = ctx.needs_input_grad[:3]
+    if not (any(need_sources) or need_query or need_norm_weight):
+        return [None] * ctx.num_sources, None, None, None, None
+    grad_sources, grad_query, grad_norm_weight = torch.ops.attnres.depth_attention_backward(
+        grad_out, list(sources), query, norm_weight, ctx.eps, ctx.scale
+    )
+    grad_sources = [gs if need else None for gs, need in zip(grad_sources, need_sources)]
+    return (
+        grad_sources,
+        grad_query if need_query else None,
+        grad_norm_weight if need_norm_weight else None,
+        None,
+        None,
+    )
+
+
+_depth_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def depth_attention(
+    sources: Sequence[Tensor],
+    query: Tensor,
+    norm_weight: Tensor,
+    *,
+    eps: float,
+    scale: float = 1.0,
+) -> Tensor:
+    """Depth attention over ``M`` sources (SPEC.md section 2), as one ``attnres::depth_attention`` op.
+
+    Args:
+        sources: ``M >= 1`` tensors ``v_1..v_M`` of shape ``[..., D]``, all with the same shape,
+            floating dtype and device (any number of leading dims, including none).
+        query: pseudo-query ``w``, shape ``[D]``.
+        norm_weight: key-norm gain ``g``, shape ``[D]``.
+        eps: added to the mean square inside the RMS; must be > 0.
+        scale: output multiplier (1 in the paper's mode, ``M`` in exact-retrofit mode).
+
+    Returns:
+        ``h = scale * sum_j softmax_j(w . (g * v_j) / rms(v_j)) * v_j``, shape ``[..., D]``, in the
+        sources' dtype (math in float32, or float64 for float64 sources). Differentiable with
+        respect to every source, ``query`` and ``norm_weight`` through an analytic backward op.
+
+    Raises:
+        TypeError / ValueError naming the argument on bad input.
+    """
+    _check_inputs(sources, query, norm_weight, eps, scale)
+    return torch.ops.attnres.depth_attention(list(sources), query, norm_weight, float(eps), float(scale))
