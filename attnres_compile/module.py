@@ -9,6 +9,8 @@ the original model's plus `attnres.*`.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
@@ -29,6 +31,28 @@ def _has(root: nn.Module, target: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def _with_forward_signature(cls, generated_forward, constant_kwargs: dict):
+    """A subclass whose forward advertises the model's own argument names.
+
+    torch.export and the ONNX exporter match `dynamic_shapes` against inspect.signature(forward);
+    with the model's names (`input_ids`, `use_cache=False`) they work as on the original model.
+    """
+    params = list(inspect.signature(generated_forward).parameters.values())
+    out = [params[0]]
+    for p in params[1:]:
+        if p.name in constant_kwargs:
+            p = p.replace(kind=inspect.Parameter.KEYWORD_ONLY, default=constant_kwargs[p.name])
+        out.append(p)
+    out.sort(key=lambda p: p.kind)  # positional first, then keyword-only (stable)
+
+    def forward(self, *args, **kwargs):
+        return AttnResModule.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.Signature(out)
+    forward.__doc__ = AttnResModule.forward.__doc__
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
 
 
 class _Specs:
@@ -72,6 +96,7 @@ class AttnResModule(nn.Module):
             graphs["eval"] = train_graph
         self._graphs = graphs
         self._compile()
+        self.__class__ = _with_forward_signature(type(self), self._forward_fns["train"], constant_kwargs)
 
     # The generated forward reads self._in_spec / self._out_spec (pytree structure of inputs
     # and outputs); they are immutable, so copies of this module share them.
@@ -126,6 +151,7 @@ class AttnResModule(nn.Module):
         return self.graph.python_code(root_module="self").src
 
     def forward(self, *args, **kwargs):
+        """Run the rewritten graph of the current mode; arguments as the original model's."""
         for key, value in self._constant_kwargs.items():
             if key not in kwargs:
                 kwargs[key] = value

@@ -1,0 +1,102 @@
+"""ONNX export of converted models: one DepthAttention node per site, parity in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch.export import Dim
+
+import attnres_compile as ac
+from attnres_compile.lowering.onnx_export import DOMAIN, OP_TYPE, count_depth_attention_nodes
+
+from .models import TinyPreNormLM, hf_configs, main_output
+
+HF = hf_configs()
+
+
+def _examples_gpt():
+    from examples.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    return model, (torch.randint(0, 256, (2, 9)),), {}, "idx", lambda b, t: torch.randint(0, 256, (b, t))
+
+
+def _hf(name, input_name, make):
+    factory, args, kwargs, _ = HF[name]
+    torch.manual_seed(0)
+    return factory(), args, kwargs, input_name, make
+
+
+CASES = {
+    "examples_gpt": _examples_gpt,
+    "hf_gpt2": lambda: _hf("hf_gpt2", "input_ids", lambda b, t: torch.randint(0, 64, (b, t))),
+    "hf_llama": lambda: _hf("hf_llama", "input_ids", lambda b, t: torch.randint(0, 64, (b, t))),
+    "hf_vit": lambda: _hf("hf_vit", "pixel_values", lambda b, t: torch.randn(b, 3, 16, 16)),
+}
+
+
+def _ort_run(proto, inputs: dict):
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return sess.run(None, {n: inputs[n] for n in names})
+
+
+def _perturb(conv):
+    with torch.no_grad():
+        for p in ac.attnres_parameters(conv).values():
+            p.add_(0.3 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_parity_dynamic(name, tmp_path):
+    model, args, kwargs, input_name, make = CASES[name]()
+    model.eval()
+    conv = ac.convert(model, args, kwargs=kwargs, num_blocks=2).eval()
+    _perturb(conv)  # non-trivial depth weights, so parity tests the softmax too
+    if input_name == "pixel_values":
+        dyn = {input_name: {0: Dim("batch")}}
+    else:
+        dyn = {input_name: {0: Dim("batch"), 1: Dim("seq")}}
+    dyn.update({k: None for k in kwargs})
+    path = tmp_path / "model.onnx"
+    proto = ac.export_onnx(conv, args, path, kwargs=kwargs, dynamic_shapes=dyn)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    sites = conv.attnres_report.chains[0].sites
+    assert count_depth_attention_nodes(proto) == sum(1 for s in sites if s.num_sources > 1)
+    assert [(f.domain, f.name) for f in proto.functions if f.domain == DOMAIN] == [(DOMAIN, OP_TYPE)]
+    fn = next(f for f in proto.functions if f.domain == DOMAIN)
+    assert all(n.domain in ("", "ai.onnx") for n in fn.node), "function body must use standard ops"
+    node = next(n for n in proto.graph.node if n.domain == DOMAIN)
+    assert {a.name for a in node.attribute} == {"eps", "scale"}
+
+    shapes = [(2, 9), (3, 5)] if input_name != "pixel_values" else [(2, 0), (4, 0)]
+    inline = ac.export_onnx(conv, args, kwargs=kwargs, dynamic_shapes=dyn, inline=True)
+    assert not any(n.domain == DOMAIN for n in inline.graph.node)
+    for b, t in shapes:
+        x = make(b, t)
+        with torch.no_grad():
+            ref = main_output(conv(x, **kwargs)).numpy()
+        for p in (proto, inline):
+            out = _ort_run(p, {input_name: x.numpy()})[0]
+            err = np.abs(out - ref).max() / np.abs(ref).max()
+            assert np.isfinite(out).all() and err <= 1e-4, (b, t, err)
+
+
+def test_exact_mode_scale_attribute():
+    model = TinyPreNormLM().eval()
+    idx = torch.randint(0, 37, (2, 6))
+    conv = ac.convert(model, (idx,), num_blocks=2, preserve="exact")
+    proto = ac.export_onnx(conv, (idx,))
+    scales = sorted({a.f for n in proto.graph.node if n.domain == DOMAIN for a in n.attribute if a.name == "scale"})
+    assert scales == sorted({float(s.num_sources) for s in conv.attnres_report.chains[0].sites if s.num_sources > 1})
+    out = _ort_run(proto, {"idx": idx.numpy()})[0]
+    np.testing.assert_allclose(out, model(idx).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_export_rejects_unconverted():
+    with pytest.raises(TypeError, match="convert"):
+        ac.export_onnx(TinyPreNormLM(), (torch.zeros(1, 3, dtype=torch.long),))
