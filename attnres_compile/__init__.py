@@ -4,7 +4,13 @@ Pipeline: capture (torch.export) -> passes/ (find and rewrite residual streams)
 -> ops/ (the depth-attention op) -> lowering/ (kernels, torch.compile, ONNX).
 """
 
-from .api import attnres_parameters, convert
+from .api import (
+    attnres_parameters,
+    attnres_state_dict,
+    convert,
+    load_attnres_state_dict,
+    save_attnres,
+)
 from .errors import AttnResError, CaptureError, NoEligibleChainError
 from .lowering.onnx_export import export_onnx
 from .module import AttnResModule
@@ -14,6 +20,9 @@ __all__ = [
     "convert",
     "attnres_parameters",
     "export_onnx",
+    "attnres_state_dict",
+    "save_attnres",
+    "load_attnres_state_dict",
     "AttnResModule",
     "ConversionReport",
     "AttnResError",

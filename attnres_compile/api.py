@@ -206,3 +206,84 @@ def _no_chain_message(name, analysis, refused, preserve) -> str:
     if preserve != "exact" and any("not PreNorm" in r for _, r in refused):
         msg += " (preserve='exact' converts additive chains that are not PreNorm)"
     return msg
+
+
+# -- the AttnRes parameters alone ----------------------------------------------------------------
+
+def _layout_of(converted: AttnResModule) -> dict:
+    """What a set of AttnRes weights fits: the sites, their source counts and widths."""
+    rep = converted.attnres_report
+    return {
+        "model": rep.model,
+        "preserve": rep.preserve,
+        "chains": [
+            {"block_size": c.block_size, "num_sublayers": c.num_sublayers,
+             "sites": {s.name: s.num_sources for s in c.sites if s.parameters}}
+            for c in rep.chains
+        ],
+    }
+
+
+def attnres_state_dict(converted: nn.Module) -> dict[str, torch.Tensor]:
+    """The AttnRes parameters alone (`attnres.chain<c>.<site>.{query,norm_weight}`), detached."""
+    return {n: p.detach() for n, p in attnres_parameters(converted).items()}
+
+
+def save_attnres(converted: nn.Module, path) -> None:
+    """Write the AttnRes parameters to a safetensors file, with the layout they belong to."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {n: t.contiguous().cpu() for n, t in attnres_state_dict(converted).items()}
+    save_file(tensors, str(path), metadata={"attnres_layout": json.dumps(_layout_of(converted))})
+
+
+def load_attnres_state_dict(converted: nn.Module, weights) -> None:
+    """Load AttnRes parameters (a dict, or a safetensors file from save_attnres) into `converted`.
+
+    Raises ValueError naming the mismatch when the weights were made for another layout
+    (other block size, other model, other sites or widths).
+    """
+    import json
+
+    own = attnres_parameters(converted)
+    layout = None
+    if not isinstance(weights, dict):
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+        layout = json.loads(meta["attnres_layout"]) if "attnres_layout" in meta else None
+    if layout is not None:
+        mine = _layout_of(converted)
+        if layout["chains"] != mine["chains"]:
+            diffs = []
+            for i, (a, b) in enumerate(zip(layout["chains"], mine["chains"])):
+                if a["block_size"] != b["block_size"]:
+                    diffs.append(f"chain {i}: block_size {a['block_size']} in the file, {b['block_size']} here")
+                if a["num_sublayers"] != b["num_sublayers"]:
+                    diffs.append(f"chain {i}: {a['num_sublayers']} sublayers in the file, {b['num_sublayers']} here")
+            if len(layout["chains"]) != len(mine["chains"]):
+                diffs.append(f"{len(layout['chains'])} chains in the file, {len(mine['chains'])} here")
+            raise ValueError(
+                f"AttnRes weights were saved for another layout ({layout['model']}): "
+                + ("; ".join(diffs) or "the sites differ")
+            )
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            "AttnRes weights do not fit this model: "
+            + (f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}" if unexpected else "")
+        )
+    bad = [f"{n}: {tuple(weights[n].shape)} in the weights, {tuple(p.shape)} here"
+           for n, p in own.items() if tuple(weights[n].shape) != tuple(p.shape)]
+    if bad:
+        raise ValueError("AttnRes weights have the wrong shapes: " + "; ".join(bad[:4]))
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(weights[n].to(dtype=p.dtype, device=p.device))

@@ -322,3 +322,23 @@ def test_bad_arguments(kw, err, match):
 def test_not_a_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         ac.convert(lambda x: x, (torch.randn(2),))
+
+
+def test_attnres_weights_alone_round_trip_and_layout_mismatch(tmp_path):
+    model, args, _, _ = tiny()
+    model.eval()
+    conv = ac.convert(model, args, num_blocks=2).eval()
+    with torch.no_grad():
+        for p in ac.attnres_parameters(conv).values():
+            p.normal_()
+    path = tmp_path / "attnres.safetensors"
+    ac.save_attnres(conv, path)
+    fresh = ac.convert(model, args, num_blocks=2).eval()
+    ac.load_attnres_state_dict(fresh, path)
+    assert torch.equal(fresh(*args), conv(*args))
+    other = ac.convert(model, args, num_blocks=3)
+    with pytest.raises(ValueError, match="block_size 3 in the file, 2 here"):
+        ac.load_attnres_state_dict(other, path)
+    smaller = ac.convert(TinyPreNormLM(layers=2), args, num_blocks=2)
+    with pytest.raises(ValueError, match="unexpected"):  # a plain dict: checked by names and shapes
+        ac.load_attnres_state_dict(smaller, ac.attnres_state_dict(conv))
