@@ -7,7 +7,8 @@
    Block Attention Residuals without touching the model's source.
 3. Train the baseline and the converted model on the same batches of bytes from Python's own
    standard library (examples/data.py) from the same initial weights, with AdamW.
-4. Print the conversion report and a table of validation losses and step times.
+4. Export the trained AttnRes model to ONNX and run it in onnxruntime against PyTorch.
+5. Print the conversion report and a table of validation losses and step times.
 
 Runs in a few minutes on two CPU cores; `--quick` is a ~20-step smoke run for the tests.
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -127,15 +130,30 @@ def build_models(cfg: RunConfig) -> tuple[GPT, torch.nn.Module, torch.Tensor]:
     return baseline, converted, example_idx
 
 
-def export_and_check_onnx(converted: torch.nn.Module, example_inputs: tuple) -> None:
-    """Export the converted model to ONNX and compare onnxruntime against PyTorch.
+def export_and_check_onnx(converted: torch.nn.Module, example_inputs: tuple, path: str) -> dict:
+    """Export the trained converted model to ONNX and run it in stock onnxruntime.
 
-    TODO(onnx): not called yet. The ONNX lowering (SPEC.md section 6: one `attnres::DepthAttention`
-    node per site, with a model-local function so stock onnxruntime runs it) is tracked in its
-    own issue; once `attnres_compile` can export, call this from `main()` after training and
-    print the max |onnxruntime - torch| next to the results table.
+    Every depth-attention site is one `attnres::DepthAttention` node whose model-local function
+    uses standard ops only (SPEC.md section 6). Batch and sequence are dynamic, so the check
+    runs a batch and a length other than the export example's.
     """
-    raise NotImplementedError("ONNX export of converted models is planned, not implemented yet")
+    import numpy as np
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    from attnres_compile.lowering.onnx_export import count_depth_attention_nodes
+
+    dyn = {"idx": {0: Dim("batch"), 1: Dim("seq", max=example_inputs[0].shape[1])}}
+    proto = attnres_compile.export_onnx(converted, example_inputs, path, dynamic_shapes=dyn)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    idx = example_inputs[0][:1, : example_inputs[0].shape[1] // 2 + 1]
+    out = session.run(None, {"idx": idx.numpy()})[0]
+    converted.eval()
+    with torch.no_grad():
+        ref = converted(idx).numpy()
+    rel = float(np.abs(out - ref).max() / np.abs(ref).max())
+    return {"path": path, "nodes": count_depth_attention_nodes(proto), "rel_err": rel,
+            "shape": tuple(idx.shape)}
 
 
 def results_table(base: Trainer, attn: Trainer, base_val: float, attn_val: float,
@@ -197,12 +215,17 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict:
     val = [get_batch("val", cfg.batch_size, cfg.model.block_size, gv, corpus) for _ in range(cfg.eval_batches)]
     base_val, attn_val = base.evaluate(val), attn.evaluate(val)
 
+    with tempfile.TemporaryDirectory() as tmp, console.status("exporting to ONNX and running onnxruntime"):
+        onnx_check = export_and_check_onnx(converted, (example_idx,), os.path.join(tmp, "attnres_gpt.onnx"))
+
     console.print()
     console.print(report)
     console.print(results_table(base, attn, base_val, attn_val, (n_base, n_attn)))
+    console.print(f"[bold]ONNX[/] {onnx_check['nodes']} attnres::DepthAttention nodes; onnxruntime (CPU) vs "
+                  f"PyTorch on a {onnx_check['shape']} batch: max relative error {onnx_check['rel_err']:.1e}")
     total = time.perf_counter() - t_start
     console.print(f"total {total:.1f} s ({cfg.steps} steps, batch {cfg.batch_size}, "
-                  f"{torch.get_num_threads()} threads). ONNX export: planned (see export_and_check_onnx).")
+                  f"{torch.get_num_threads()} threads)")
     return {
         "baseline_val_loss": base_val,
         "attnres_val_loss": attn_val,
@@ -212,6 +235,8 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict:
         "attnres_ms_per_step": attn.ms_per_step,
         "step_time_ratio": attn.ms_per_step / base.ms_per_step,
         "step0_max_abs_diff": d0,
+        "onnx_rel_err": onnx_check["rel_err"],
+        "onnx_nodes": onnx_check["nodes"],
         "seconds": total,
         "report": report.to_dict(),
     }
