@@ -48,15 +48,18 @@ def _onnxscript_parts():
 
     @onnxscript.script(attnres, default_opset=op)
     def DepthAttention(sources, query, norm_weight, eps: float, scale: float):
-        # float32 math whatever the storage type (SPEC section 2), result cast back
+        # float32 math whatever the storage type (SPEC section 2), result cast back. Written to
+        # touch the [M, ..., D] sources few times: a MatMul gives w.(g*v_j), ReduceSumSquare
+        # gives |v_j|^2, and 1/rms is applied to the [M, ..., 1] logits, not to v.
         v = op.Cast(sources, to=1)
-        mean_sq = op.ReduceMean(op.Mul(v, v), op.Constant(value_ints=[-1]), keepdims=1)
-        rms = op.Sqrt(op.Add(mean_sq, op.Constant(value_float=eps)))
-        u = op.Mul(op.Cast(query, to=1), op.Cast(norm_weight, to=1))
-        logits = op.ReduceSum(op.Mul(op.Div(v, rms), u), op.Constant(value_ints=[-1]), keepdims=1)
-        alpha = op.Softmax(logits, axis=0)
+        u = op.Unsqueeze(op.Mul(op.Cast(query, to=1), op.Cast(norm_weight, to=1)), op.Constant(value_ints=[1]))
+        dots = op.MatMul(v, u)                                               # [M, ..., 1]
+        sum_sq = op.ReduceSumSquare(v, op.Constant(value_ints=[-1]), keepdims=1)
+        width = op.Cast(op.Shape(v, start=-1), to=1)
+        rms = op.Sqrt(op.Add(op.Div(sum_sq, width), op.Constant(value_float=eps)))
+        alpha = op.Softmax(op.Div(dots, rms), axis=0)
+        alpha = op.Mul(alpha, op.Constant(value_float=scale))
         h = op.ReduceSum(op.Mul(alpha, v), op.Constant(value_ints=[0]), keepdims=0)
-        h = op.Mul(h, op.Constant(value_float=scale))
         return op.CastLike(h, sources)
 
     def translate(sources, query, norm_weight, eps, scale):
