@@ -48,7 +48,7 @@ def _validate(model, num_blocks, block_size, preserve, eps) -> None:
 
 def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
             num_blocks: int | None = None, block_size: int | None = None,
-            preserve: str = "scale", eps: float | None = None) -> AttnResModule:
+            preserve: str = "scale", eps: float | None = None, dynamic: bool = True) -> AttnResModule:
     """Convert every PreNorm residual stream of `model` into Block Attention Residuals.
 
     Args:
@@ -62,6 +62,8 @@ def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
             PreNorm consumer cannot tell apart) or "exact" (site output times M: bit-for-bit
             the original stream at step 0 for any consumer; also admits non-PreNorm chains).
         eps: RMS eps of every site; default the eps of the norm each site feeds, else 1e-6.
+        dynamic: capture every input dimension as `Dim.AUTO`, so the result accepts other
+            batch and sequence sizes; False specialises it to the example shapes.
 
     Returns:
         An AttnResModule owning copies of the model's parameters plus `attnres.*`, with
@@ -73,8 +75,8 @@ def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
 
     # One private copy serves both captures, so both graphs read the same parameter objects.
     work = copy.deepcopy(model)
-    train_cap = capture(work, args, kwargs, training=True, copy_model=False)
-    eval_cap = capture(work, args, kwargs, training=False, copy_model=False)
+    train_cap = capture(work, args, kwargs, training=True, copy_model=False, dynamic=dynamic)
+    eval_cap = capture(work, args, kwargs, training=False, copy_model=False, dynamic=dynamic)
     train_gm, eval_gm = train_cap.module, eval_cap.module
     same = train_gm.code == eval_gm.code
     if same:

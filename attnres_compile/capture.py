@@ -42,17 +42,27 @@ def normalize_inputs(example_inputs, kwargs) -> tuple[tuple, dict]:
     return example_inputs, dict(kwargs)
 
 
-def _auto_dims(args: tuple, kwargs: dict):
-    """One Dim.AUTO per dimension of every tensor input (export specialises what it must)."""
+def _auto_dims(model, args: tuple, kwargs: dict):
+    """One Dim.AUTO per dimension of every tensor input (export specialises what it must).
+
+    Keyed like torch.export binds the inputs to `forward`'s signature (so `*args` forwards,
+    e.g. Dynamo graph modules, get one entry for the whole tuple).
+    """
 
     def spec(x):
         if isinstance(x, torch.Tensor):
             return {i: Dim.AUTO for i in range(x.dim())} if x.dim() else None
         return None
 
-    return tuple(pytree.tree_map(spec, a) for a in args) + tuple(
-        pytree.tree_map(spec, v) for v in kwargs.values()
-    )
+    try:
+        from torch.export.dynamic_shapes import _combine_args
+
+        combined = _combine_args(model, args, kwargs)
+        return {name: pytree.tree_map(spec, value) for name, value in combined.items()}
+    except (ImportError, TypeError):
+        return tuple(pytree.tree_map(spec, a) for a in args) + tuple(
+            pytree.tree_map(spec, v) for v in kwargs.values()
+        )
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -90,7 +100,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool
     if copy_model:
         model = copy.deepcopy(model)
     model.train(training)
-    dynamic_shapes = _auto_dims(args, kwargs) if dynamic else None
+    dynamic_shapes = _auto_dims(model, args, kwargs) if dynamic else None
     try:
         ep = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # export raises many types; the user needs one clear message
