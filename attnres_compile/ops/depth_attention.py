@@ -34,13 +34,16 @@ kernel can replace either by rebinding the module attribute.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["depth_attention"]
+from . import _dispatch
+
+__all__ = ["depth_attention", "plain_cpu_path"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,44 +184,97 @@ def _depth_attention_backward_impl(
 # --------------------------------------------------------------------------------------------
 # Op registration
 # --------------------------------------------------------------------------------------------
+#
+# Each op has one device-generic body (CUDA -> generated Triton kernels through wrap_triton;
+# other devices and fake tensors -> the plain implementation above) and a CPU kernel (the
+# compiled C fast path, falling back to the plain implementation). See ``_dispatch.py``.
 
 
-@torch.library.custom_op("attnres::depth_attention", mutates_args=())
-def _depth_attention_op(
+def _depth_attention_body(
     sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
 ) -> Tensor:
     _check_inputs(sources, query, norm_weight, eps, scale)
+    if _dispatch.use_triton(sources[0]):
+        from ..lowering import triton_kernels
+
+        return triton_kernels.forward(sources, query, norm_weight, eps, scale)
     return _depth_attention_forward_impl(sources, query, norm_weight, eps, scale)
 
 
-@_depth_attention_op.register_fake
-def _depth_attention_fake(
+def _depth_attention_cpu(
     sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
 ) -> Tensor:
     _check_inputs(sources, query, norm_weight, eps, scale)
-    return sources[0].new_empty(sources[0].shape)
+    if _dispatch.use_triton(sources[0]):
+        from ..lowering import triton_kernels
+
+        return triton_kernels.forward(sources, query, norm_weight, eps, scale)
+    if _FAST_CPU[0]:
+        from ..lowering import cpu_kernels
+
+        out = cpu_kernels.forward(sources, query, norm_weight, eps, scale)
+        if out is not None:
+            return out
+    return _depth_attention_forward_impl(sources, query, norm_weight, eps, scale)
 
 
-@torch.library.custom_op("attnres::depth_attention_backward", mutates_args=())
-def _depth_attention_backward_op(
+def _check_grad_out(grad_out: object, sources: list[Tensor]) -> None:
+    if not isinstance(grad_out, Tensor):
+        raise TypeError(f"grad_out must be a torch.Tensor, got {type(grad_out).__name__}")
+    if grad_out.shape != sources[0].shape:
+        raise ValueError(f"grad_out has shape {list(grad_out.shape)}, expected {list(sources[0].shape)}")
+
+
+def _depth_attention_backward_body(
     grad_out: Tensor, sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     _check_inputs(sources, query, norm_weight, eps, scale)
-    if grad_out.shape != sources[0].shape:
-        raise ValueError(f"grad_out has shape {list(grad_out.shape)}, expected {list(sources[0].shape)}")
+    _check_grad_out(grad_out, sources)
+    if _dispatch.use_triton(sources[0]):
+        from ..lowering import triton_kernels
+
+        return triton_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
     return _depth_attention_backward_impl(grad_out, sources, query, norm_weight, eps, scale)
 
 
-@_depth_attention_backward_op.register_fake
-def _depth_attention_backward_fake(
+def _depth_attention_backward_cpu(
     grad_out: Tensor, sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     _check_inputs(sources, query, norm_weight, eps, scale)
-    return (
-        [s.new_empty(s.shape) for s in sources],
-        query.new_empty(query.shape),
-        norm_weight.new_empty(norm_weight.shape),
-    )
+    _check_grad_out(grad_out, sources)
+    if _dispatch.use_triton(sources[0]):
+        from ..lowering import triton_kernels
+
+        return triton_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
+    if _FAST_CPU[0]:
+        from ..lowering import cpu_kernels
+
+        out = cpu_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
+        if out is not None:
+            return out
+    return _depth_attention_backward_impl(grad_out, sources, query, norm_weight, eps, scale)
+
+
+#: Whether CPU tensors use the compiled C kernels (``lowering/cpu_kernels.py``) when available.
+_FAST_CPU = [True]
+
+
+@contextlib.contextmanager
+def plain_cpu_path() -> Iterator[None]:
+    """Run the CPU ops with the plain PyTorch implementation inside this block (for tests and
+    benchmarks that compare the two paths)."""
+    prev = _FAST_CPU[0]
+    _FAST_CPU[0] = False
+    try:
+        yield
+    finally:
+        _FAST_CPU[0] = prev
+
+
+_depth_attention_op = _dispatch.define_op("attnres::depth_attention", _depth_attention_body, _depth_attention_cpu)
+_depth_attention_backward_op = _dispatch.define_op(
+    "attnres::depth_attention_backward", _depth_attention_backward_body, _depth_attention_backward_cpu
+)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -1,0 +1,237 @@
+"""Launchers for the generated Triton kernels (``triton_codegen``).
+
+Each launcher takes the op's arguments, views every source as ``[T, D]`` rows in place (a
+copy is made only when a source's last dimension is not unit-stride or its leading dims do
+not merge), allocates outputs, and launches the specialised kernel through
+``torch.library.wrap_triton`` so that ``torch.library.triton_op`` tracing (and Inductor) sees
+the kernel. Under ``TRITON_INTERPRET=1`` they also run on CPU tensors, which is how the
+tests exercise them.
+
+Grid: persistent programs, ``P = min(number of token tiles, max_programs)``; program ``p``
+handles tiles ``p, p + P, ...``. Parameters (query, gain) are read once per program; the
+backward's ``du`` partial sums are one ``[P, D]`` float32 row per program, reduced in order by
+a second kernel (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .triton_codegen import (
+    SUPPORTED_DTYPES,
+    KernelSpec,
+    choose_block_t,
+    choose_num_warps,
+    load_kernel,
+    next_power_of_2,
+    resident_fits,
+)
+
+__all__ = [
+    "triton_available",
+    "interpreter_enabled",
+    "supports",
+    "forward",
+    "backward",
+    "phase1",
+    "phase2",
+    "max_programs",
+]
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in SUPPORTED_DTYPES
+
+
+def max_programs(device: torch.device) -> int:
+    """Persistent-grid size cap: 4 programs per SM on CUDA; 4 in the interpreter."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _wrap(kernel):
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def _rows(t: Tensor, d: int) -> Tensor:
+    """``t`` as a ``[T, D]`` view with unit column stride (a copy only when impossible)."""
+    r = t.reshape(-1, d)
+    if d > 1 and r.stride(1) != 1:
+        r = r.contiguous()
+    return r
+
+
+def _grid(num_tiles: int, device: torch.device, num_programs: int | None) -> int:
+    cap = num_programs if num_programs is not None else max_programs(device)
+    return max(1, min(num_tiles, cap))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def forward(
+    sources: Sequence[Tensor],
+    query: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    scale: float,
+    *,
+    block_t: int | None = None,
+    num_programs: int | None = None,
+) -> Tensor:
+    """``h`` [..., D] in the sources' dtype; one read of every source element."""
+    first = sources[0]
+    d = first.shape[-1]
+    dtype = SUPPORTED_DTYPES[first.dtype]
+    rows = [_rows(s, d) for s in sources]
+    t = rows[0].shape[0]
+    out = torch.empty((t, d), dtype=first.dtype, device=first.device)
+    if t > 0:
+        bt = block_t or choose_block_t(d, "fwd")
+        spec = KernelSpec("fwd", d=d, dtype=dtype, m=len(sources), block_t=bt)
+        kernel = load_kernel(spec)
+        grid = (_grid(_cdiv(t, bt), first.device, num_programs),)
+        _wrap(kernel)[grid](
+            *rows, *[r.stride(0) for r in rows], query, norm_weight, out, t, float(eps), float(scale),
+            num_warps=choose_num_warps(bt, d),
+        )
+    return out.view(first.shape)
+
+
+def backward_variant(m: int, d: int, dtype: torch.dtype, block_t: int) -> str:
+    return "resident" if resident_fits(m, d, SUPPORTED_DTYPES[dtype], block_t) else "twopass"
+
+
+def backward(
+    grad_out: Tensor,
+    sources: Sequence[Tensor],
+    query: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    scale: float,
+    *,
+    block_t: int | None = None,
+    num_programs: int | None = None,
+    variant: str | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Gradients of every source, of the query and of the norm gain."""
+    first = sources[0]
+    d = first.shape[-1]
+    m = len(sources)
+    dtype = SUPPORTED_DTYPES[first.dtype]
+    rows = [_rows(s, d) for s in sources]
+    t = rows[0].shape[0]
+    grad = grad_out.reshape(-1, d)  # expanded grads keep their (zero) strides
+    grads = [torch.empty((t, d), dtype=first.dtype, device=first.device) for _ in range(m)]
+    dq = torch.empty_like(query)
+    dg = torch.empty_like(norm_weight)
+    if t == 0:
+        dq.zero_()
+        dg.zero_()
+        return [g.view(first.shape) for g in grads], dq, dg
+    bt = block_t or choose_block_t(d, "bwd")
+    var = variant or backward_variant(m, d, first.dtype, bt)
+    kernel = load_kernel(KernelSpec("bwd", d=d, dtype=dtype, m=m, block_t=bt, variant=var))
+    p = _grid(_cdiv(t, bt), first.device, num_programs)
+    partial = torch.empty((p, d), dtype=torch.float32, device=first.device)
+    _wrap(kernel)[(p,)](
+        grad, grad.stride(0), grad.stride(1), *rows, *[r.stride(0) for r in rows], *grads,
+        query, norm_weight, partial, t, float(eps), float(scale),
+        num_warps=choose_num_warps(bt, d),
+    )
+    bc = min(next_power_of_2(d), 1024)
+    reduce_kernel = load_kernel(KernelSpec("reduce", d=d, block_t=bc))
+    _wrap(reduce_kernel)[(_cdiv(d, bc),)](partial, query, norm_weight, dq, dg, p, num_warps=4)
+    return [g.view(first.shape) for g in grads], dq, dg
+
+
+def phase1_variant(n: int, d: int, dtype: torch.dtype, block_t: int) -> str:
+    return "resident" if resident_fits(n, d, SUPPORTED_DTYPES[dtype], block_t) else "twopass"
+
+
+def phase1(
+    blocks: Sequence[Tensor],
+    queries: Tensor,
+    gains: Tensor,
+    eps: float,
+    *,
+    block_t: int | None = None,
+    num_programs: int | None = None,
+    variant: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(o [S, ..., D] unnormalised, m [S, ...], z [S, ...])``: one read of every block."""
+    first = blocks[0]
+    d = first.shape[-1]
+    n = len(blocks)
+    s = queries.shape[0]
+    lead = first.shape[:-1]
+    dtype = SUPPORTED_DTYPES[first.dtype]
+    rows = [_rows(b, d) for b in blocks]
+    t = rows[0].shape[0]
+    o = torch.empty((s, t, d), dtype=first.dtype, device=first.device)
+    mx = torch.empty((s, t), dtype=torch.float32, device=first.device)
+    z = torch.empty((s, t), dtype=torch.float32, device=first.device)
+    if t > 0:
+        bt = block_t or choose_block_t(d, "phase1")
+        var = variant or phase1_variant(n, d, first.dtype, bt)
+        kernel = load_kernel(KernelSpec("phase1", d=d, dtype=dtype, m=n, s=s, block_t=bt, variant=var))
+        grid = (_grid(_cdiv(t, bt), first.device, num_programs),)
+        _wrap(kernel)[grid](
+            *rows, *[r.stride(0) for r in rows], queries.contiguous(), gains.contiguous(), o, mx, z, t, float(eps),
+            num_warps=choose_num_warps(bt, d),
+        )
+    return o.view(s, *lead, d), mx.view(s, *lead), z.view(s, *lead)
+
+
+def phase2(
+    o: Tensor,
+    m: Tensor,
+    z: Tensor,
+    partial: Tensor | None,
+    query: Tensor,
+    gain: Tensor,
+    eps: float,
+    scale: float,
+    *,
+    block_t: int | None = None,
+    num_programs: int | None = None,
+) -> Tensor:
+    """``h [..., D]``: phase 1's state of one site merged with the running partial (if any)."""
+    d = o.shape[-1]
+    dtype = SUPPORTED_DTYPES[o.dtype]
+    o_rows = _rows(o, d)
+    t = o_rows.shape[0]
+    m_flat = m.reshape(-1).contiguous()
+    z_flat = z.reshape(-1).contiguous()
+    out = torch.empty((t, d), dtype=o.dtype, device=o.device)
+    if t > 0:
+        bt = block_t or choose_block_t(d, "phase2")
+        variant = "partial" if partial is not None else "nopartial"
+        kernel = load_kernel(KernelSpec("phase2", d=d, dtype=dtype, block_t=bt, variant=variant))
+        grid = (_grid(_cdiv(t, bt), o.device, num_programs),)
+        args: list = [o_rows, o_rows.stride(0), m_flat, z_flat]
+        if partial is not None:
+            p_rows = _rows(partial, d)
+            args += [p_rows, p_rows.stride(0)]
+        _wrap(kernel)[grid](*args, query, gain, out, t, float(eps), float(scale), num_warps=choose_num_warps(bt, d))
+    return out.view(o.shape)

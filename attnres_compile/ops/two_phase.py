@@ -1,0 +1,345 @@
+"""Two-phase Block AttnRes inference (SPEC.md section 3, PAPER.md section d / Algorithm 1).
+
+The pseudo-queries are parameters, so the ``S`` sites of block ``n`` can be served by one
+read of the completed blocks ``b_0..b_{n-1}``:
+
+* **Phase 1**, once per block, for every site ``l`` of the block::
+
+      s_lj = (w_l * g_l) . b_j / rms(b_j)
+      m_l  = max_j s_lj,   z_l = sum_j exp(s_lj - m_l),   o_l = sum_j exp(s_lj - m_l) * b_j
+
+  ``o_l`` is unnormalised (storage dtype), ``m_l`` and ``z_l`` are per-token float32.
+* **Phase 2**, per site, merges the running partial sum ``p`` of the current block::
+
+      s = (w_l * g_l) . p / rms(p);  m = max(m_l, s)
+      h_l = scale * (e^(m_l - m) o_l + e^(s - m) p) / (e^(m_l - m) z_l + e^(s - m))
+
+  With no partial (the first site of a block) ``h_l = scale * o_l / z_l``.
+
+This equals ``depth_attention(blocks + [p], w_l, g_l)`` to rounding. It is the no-grad path:
+the ops have no autograd formula.
+
+Registered ops (see ``_dispatch.py``: CUDA -> generated Triton kernels, CPU -> compiled C
+kernels or plain PyTorch)::
+
+    attnres::depth_attention_phase1(Tensor[] blocks, Tensor queries, Tensor gains, float eps)
+        -> (Tensor o, Tensor m, Tensor z)
+        blocks: N >= 1 tensors [..., D]; queries, gains: [S, D]
+        o: [S, ..., D] (blocks' dtype), m, z: [S, ...] (float32; float64 for float64 blocks)
+
+    attnres::depth_attention_phase2(Tensor o, Tensor m, Tensor z, Tensor? partial,
+                                    Tensor query, Tensor gain, float eps, float scale) -> Tensor
+        o: [..., D] (one site's slice of phase 1's o), m, z: [...], partial: [..., D] or None,
+        query, gain: [D]  ->  h: [..., D] in o's dtype
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+from .depth_attention import _FAST_CPU, _check_param, _compute_dtype
+
+__all__ = [
+    "depth_attention_phase1",
+    "depth_attention_phase2",
+    "two_phase_reference",
+    "two_phase_block",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_float(name: str, value: object, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+
+
+def _check_phase1(blocks: object, queries: object, gains: object, eps: object) -> None:
+    if not isinstance(blocks, (list, tuple)):
+        raise TypeError(f"blocks must be a list or tuple of tensors, got {type(blocks).__name__}")
+    if len(blocks) == 0:
+        raise ValueError("blocks must contain at least one tensor (N >= 1), got an empty sequence")
+    for i, b in enumerate(blocks):
+        if not isinstance(b, Tensor):
+            raise TypeError(f"blocks[{i}] must be a torch.Tensor, got {type(b).__name__}")
+    first = blocks[0]
+    if first.dim() == 0 or first.shape[-1] == 0:
+        raise ValueError(f"blocks must have shape [..., D] with D >= 1, got {list(first.shape)}")
+    if not first.is_floating_point():
+        raise TypeError(f"blocks must be floating-point tensors, got dtype {first.dtype}")
+    for i, b in enumerate(blocks[1:], start=1):
+        if b.shape != first.shape or b.dtype != first.dtype or b.device != first.device:
+            raise ValueError(
+                f"blocks[{i}] is {list(b.shape)} {b.dtype} on {b.device} but blocks[0] is "
+                f"{list(first.shape)} {first.dtype} on {first.device}; all blocks must match"
+            )
+    dim = first.shape[-1]
+    for name, t in (("queries", queries), ("gains", gains)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape [S, D], got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dim() != 2 or t.shape[1] != dim or t.shape[0] == 0:
+            raise ValueError(f"{name} must have shape [S, D] = [S, {dim}] with S >= 1, got {list(t.shape)}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but the blocks are on {first.device}")
+    if queries.shape != gains.shape:
+        raise ValueError(f"queries {list(queries.shape)} and gains {list(gains.shape)} must have the same shape")
+    _check_float("eps", eps, positive=True)
+
+
+def _check_phase2(o, m, z, partial, query, gain, eps, scale) -> None:
+    if not isinstance(o, Tensor):
+        raise TypeError(f"o must be a torch.Tensor [..., D], got {type(o).__name__}")
+    if o.dim() == 0 or o.shape[-1] == 0 or not o.is_floating_point():
+        raise ValueError(f"o must be a floating-point tensor [..., D] with D >= 1, got {o.dtype} {list(o.shape)}")
+    for name, t in (("m", m), ("z", z)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != o.shape[:-1]:
+            raise ValueError(f"{name} must have shape {list(o.shape[:-1])} (o's without D), got {list(t.shape)}")
+        if not t.is_floating_point() or t.device != o.device:
+            raise ValueError(f"{name} must be a floating-point tensor on {o.device}, got {t.dtype} on {t.device}")
+    if partial is not None:
+        if not isinstance(partial, Tensor):
+            raise TypeError(f"partial must be a torch.Tensor or None, got {type(partial).__name__}")
+        if partial.shape != o.shape or partial.dtype != o.dtype or partial.device != o.device:
+            raise ValueError(
+                f"partial is {list(partial.shape)} {partial.dtype} on {partial.device}; "
+                f"expected {list(o.shape)} {o.dtype} on {o.device} (like o)"
+            )
+    _check_param("query", query, o.shape[-1], o.device)
+    _check_param("gain", gain, o.shape[-1], o.device)
+    _check_float("eps", eps, positive=True)
+    _check_float("scale", scale, positive=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain PyTorch implementations (CPU fallback, fake/meta, non-CUDA devices)
+# --------------------------------------------------------------------------------------------
+
+
+def _phase1_impl(blocks: Sequence[Tensor], queries: Tensor, gains: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    dtype = blocks[0].dtype
+    compute = _compute_dtype(dtype)
+    u = queries.to(compute) * gains.to(compute)  # [S, D]
+    bs = [b.to(compute) for b in blocks]
+    dim = bs[0].shape[-1]
+    scores = []
+    for b in bs:
+        inv_r = torch.rsqrt(b.square().sum(-1) / dim + eps)  # [...]
+        scores.append(torch.movedim(torch.matmul(b, u.t()), -1, 0) * inv_r)  # [S, ...]
+    m = scores[0]
+    for sc in scores[1:]:
+        m = torch.maximum(m, sc)
+    o = None
+    z = None
+    for b, sc in zip(bs, scores):
+        e = torch.exp(sc - m)
+        term = e.unsqueeze(-1) * b  # [S, ..., D]
+        o = term if o is None else o + term
+        z = e if z is None else z + e
+    return o.to(dtype).contiguous(), m.contiguous(), z.contiguous()
+
+
+def _phase2_impl(
+    o: Tensor, m: Tensor, z: Tensor, partial: Optional[Tensor], query: Tensor, gain: Tensor, eps: float, scale: float
+) -> Tensor:
+    compute = _compute_dtype(o.dtype)
+    of = o.to(compute)
+    zf = z.to(compute)
+    if partial is None:
+        h = of * (scale / zf).unsqueeze(-1)
+        return h.to(o.dtype).contiguous()
+    pf = partial.to(compute)
+    mf = m.to(compute)
+    u = query.to(compute) * gain.to(compute)
+    sp = torch.matmul(pf, u) * torch.rsqrt(pf.square().sum(-1) / pf.shape[-1] + eps)
+    mx = torch.maximum(mf, sp)
+    a = torch.exp(mf - mx)
+    b = torch.exp(sp - mx)
+    h = (a.unsqueeze(-1) * of + b.unsqueeze(-1) * pf) * (scale / (a * zf + b)).unsqueeze(-1)
+    return h.to(o.dtype).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Ops
+# --------------------------------------------------------------------------------------------
+
+
+def _phase1_body(blocks: list[Tensor], queries: Tensor, gains: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    _check_phase1(blocks, queries, gains, eps)
+    if _dispatch.use_triton(blocks[0]):
+        from ..lowering import triton_kernels
+
+        return triton_kernels.phase1(blocks, queries, gains, eps)
+    return _phase1_impl(blocks, queries, gains, eps)
+
+
+def _phase1_cpu(blocks: list[Tensor], queries: Tensor, gains: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    _check_phase1(blocks, queries, gains, eps)
+    if _dispatch.use_triton(blocks[0]):
+        from ..lowering import triton_kernels
+
+        return triton_kernels.phase1(blocks, queries, gains, eps)
+    if _FAST_CPU[0]:
+        from ..lowering import cpu_kernels
+
+        out = cpu_kernels.phase1(blocks, queries, gains, eps)
+        if out is not None:
+            return out
+    return _phase1_impl(blocks, queries, gains, eps)
+
+
+def _phase2_body(
+    o: Tensor, m: Tensor, z: Tensor, partial: Optional[Tensor], query: Tensor, gain: Tensor, eps: float, scale: float
+) -> Tensor:
+    _check_phase2(o, m, z, partial, query, gain, eps, scale)
+    if _dispatch.use_triton(o) and m.dtype == z.dtype == torch.float32:
+        from ..lowering import triton_kernels
+
+        return triton_kernels.phase2(o, m, z, partial, query, gain, eps, scale)
+    return _phase2_impl(o, m, z, partial, query, gain, eps, scale)
+
+
+def _phase2_cpu(
+    o: Tensor, m: Tensor, z: Tensor, partial: Optional[Tensor], query: Tensor, gain: Tensor, eps: float, scale: float
+) -> Tensor:
+    _check_phase2(o, m, z, partial, query, gain, eps, scale)
+    if _dispatch.use_triton(o) and m.dtype == z.dtype == torch.float32:
+        from ..lowering import triton_kernels
+
+        return triton_kernels.phase2(o, m, z, partial, query, gain, eps, scale)
+    if _FAST_CPU[0] and m.dtype == z.dtype == torch.float32:
+        from ..lowering import cpu_kernels
+
+        out = cpu_kernels.phase2(o, m, z, partial, query, gain, eps, scale)
+        if out is not None:
+            return out
+    return _phase2_impl(o, m, z, partial, query, gain, eps, scale)
+
+
+_phase1_op = _dispatch.define_op("attnres::depth_attention_phase1", _phase1_body, _phase1_cpu)
+_phase2_op = _dispatch.define_op("attnres::depth_attention_phase2", _phase2_body, _phase2_cpu)
+
+
+def depth_attention_phase1(
+    blocks: Sequence[Tensor], queries: Tensor, gains: Tensor, *, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Phase 1 for the ``S`` sites of one block over ``N`` completed blocks (one read of each).
+
+    Args:
+        blocks: ``N >= 1`` completed block representations ``[..., D]`` (same shape/dtype/device).
+        queries: ``[S, D]``, row ``l`` is site ``l``'s pseudo-query ``w_l``.
+        gains: ``[S, D]``, row ``l`` is site ``l``'s key-norm gain ``g_l``.
+        eps: RMS epsilon (> 0).
+
+    Returns:
+        ``(o, m, z)``: ``o`` ``[S, ..., D]`` unnormalised in the blocks' dtype; ``m`` (running max)
+        and ``z`` (running sum) ``[S, ...]`` in float32 (float64 for float64 blocks).
+    """
+    _check_phase1(blocks, queries, gains, eps)
+    return torch.ops.attnres.depth_attention_phase1(list(blocks), queries, gains, float(eps))
+
+
+def depth_attention_phase2(
+    o: Tensor,
+    m: Tensor,
+    z: Tensor,
+    partial: Tensor | None,
+    query: Tensor,
+    gain: Tensor,
+    *,
+    eps: float,
+    scale: float = 1.0,
+) -> Tensor:
+    """Phase 2 for one site: merge the running partial (or none) into phase 1's ``(o, m, z)``.
+
+    Args:
+        o, m, z: this site's slice of :func:`depth_attention_phase1`'s outputs
+            (``o[l]``, ``m[l]``, ``z[l]``).
+        partial: the block's running partial sum ``[..., D]`` (same dtype as ``o``), or ``None``
+            for the first site of a block.
+        query, gain: this site's ``w_l`` and ``g_l`` ``[D]``.
+        eps: RMS epsilon; scale: output multiplier (``M`` in exact-retrofit mode).
+
+    Returns:
+        ``h_l`` ``[..., D]`` in ``o``'s dtype, equal to ``depth_attention(blocks + [partial])``.
+    """
+    _check_phase2(o, m, z, partial, query, gain, eps, scale)
+    return torch.ops.attnres.depth_attention_phase2(o, m, z, partial, query, gain, float(eps), float(scale))
+
+
+def two_phase_block(
+    blocks: Sequence[Tensor],
+    queries: Tensor,
+    gains: Tensor,
+    partials: Sequence[Tensor | None],
+    *,
+    eps: float,
+    scale: float | Sequence[float] = 1.0,
+) -> list[Tensor]:
+    """All ``S`` sites of one block through the two ops: phase 1 once, phase 2 per site.
+
+    ``partials[l]`` is the running partial seen by site ``l`` (``None`` for the first site);
+    ``scale`` is one float or one per site. In a real model the partials are produced between
+    sites; this helper is for when they are known (tests, benchmarks).
+    """
+    o, m, z = depth_attention_phase1(blocks, queries, gains, eps=eps)
+    scales = [float(scale)] * len(partials) if isinstance(scale, (int, float)) else [float(s) for s in scale]
+    return [
+        depth_attention_phase2(o[l], m[l], z[l], partials[l], queries[l], gains[l], eps=eps, scale=scales[l])
+        for l in range(len(partials))
+    ]
+
+
+def two_phase_reference(
+    blocks: Sequence[Tensor],
+    queries: Tensor,
+    gains: Tensor,
+    partials: Sequence[Tensor | None],
+    *,
+    eps: float,
+    scale: float = 1.0,
+) -> list[Tensor]:
+    """Algorithm 1 written out in plain PyTorch (math in float32, float64 for float64 inputs).
+
+    For the ``S = len(partials)`` sites of one block: phase 1 over the completed ``blocks``
+    (scores, running max ``m_l``, sum ``z_l``, unnormalised ``o_l``), then phase 2 for each site
+    with its partial. Returns ``[h_0, ..., h_{S-1}]`` in the blocks' dtype.
+    """
+    dtype = blocks[0].dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    V = torch.stack([b.to(compute) for b in blocks])  # [N, ..., D]
+    rms = torch.sqrt(V.pow(2).mean(-1) + eps)  # [N, ...]
+    hs = []
+    for l, p in enumerate(partials):
+        u = queries[l].to(compute) * gains[l].to(compute)
+        # phase 1 (would be shared by all sites of the block)
+        s = (V * u).sum(-1) / rms  # [N, ...]
+        m1 = s.max(dim=0).values
+        z1 = torch.exp(s - m1).sum(0)
+        o1 = (torch.exp(s - m1).unsqueeze(-1) * V).sum(0)
+        # phase 2
+        if p is None:
+            h = o1 / z1.unsqueeze(-1)
+        else:
+            pf = p.to(compute)
+            s2 = (pf * u).sum(-1) / torch.sqrt(pf.pow(2).mean(-1) + eps)
+            m = torch.maximum(m1, s2)
+            num = torch.exp(m1 - m).unsqueeze(-1) * o1 + torch.exp(s2 - m).unsqueeze(-1) * pf
+            den = torch.exp(m1 - m) * z1 + torch.exp(s2 - m)
+            h = num / den.unsqueeze(-1)
+        hs.append((scale * h).to(dtype))
+    return hs
