@@ -64,8 +64,10 @@ SUPPORTED_DTYPES: dict[torch.dtype, str] = {
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 #: On-chip budget for keeping a token tile's source rows resident between the two halves of
-#: the backward (and phase 1). Above it the kernel re-reads the rows (``twopass``).
-RESIDENT_MAX_BYTES = 128 * 1024
+#: the backward (and phase 1). Above it the kernel re-reads the rows (``twopass``). 160 KiB
+#: keeps Kimi-like Block AttnRes (M <= 9 sources of D = 7168 in bfloat16, one token per
+#: program, 16 warps) resident; not tuned on a GPU yet. Override: ATTNRES_RESIDENT_MAX_BYTES.
+RESIDENT_MAX_BYTES = int(os.environ.get("ATTNRES_RESIDENT_MAX_BYTES", 160 * 1024))
 
 #: Cap on elements of one ``[BT, BD]`` float32 working tile.
 _TILE_ELEMS = 4096

@@ -118,6 +118,13 @@ def forward(
     return out.view(first.shape)
 
 
+def _resident_block_t(rows: int, d: int, dtype: str, bt: int) -> int:
+    """Shrink the token tile (not below 1) until ``rows`` source rows of it fit on chip."""
+    while bt > 1 and not resident_fits(rows, d, dtype, bt):
+        bt //= 2
+    return bt
+
+
 def backward_variant(m: int, d: int, dtype: torch.dtype, block_t: int) -> str:
     return "resident" if resident_fits(m, d, SUPPORTED_DTYPES[dtype], block_t) else "twopass"
 
@@ -149,7 +156,7 @@ def backward(
         dq.zero_()
         dg.zero_()
         return [g.view(first.shape) for g in grads], dq, dg
-    bt = block_t or choose_block_t(d, "bwd")
+    bt = block_t or _resident_block_t(m, d, dtype, choose_block_t(d, "bwd"))
     var = variant or backward_variant(m, d, first.dtype, bt)
     kernel = load_kernel(KernelSpec("bwd", d=d, dtype=dtype, m=m, block_t=bt, variant=var))
     p = _grid(_cdiv(t, bt), first.device, num_programs)
@@ -192,7 +199,7 @@ def phase1(
     mx = torch.empty((s, t), dtype=torch.float32, device=first.device)
     z = torch.empty((s, t), dtype=torch.float32, device=first.device)
     if t > 0:
-        bt = block_t or choose_block_t(d, "phase1")
+        bt = block_t or _resident_block_t(n, d, dtype, choose_block_t(d, "phase1"))
         var = variant or phase1_variant(n, d, first.dtype, bt)
         kernel = load_kernel(KernelSpec("phase1", d=d, dtype=dtype, m=n, s=s, block_t=bt, variant=var))
         grid = (_grid(_cdiv(t, bt), first.device, num_programs),)

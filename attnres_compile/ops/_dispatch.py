@@ -64,12 +64,12 @@ _TRITON_OK: list[bool] = []
 
 def triton_importable() -> bool:
     if not _TRITON_OK:
-        ok = importlib.util.find_spec("triton") is not None
-        if ok:
-            try:
+        try:
+            ok = importlib.util.find_spec("triton") is not None
+            if ok:
                 import triton  # noqa: F401
-            except Exception:
-                ok = False
+        except Exception:  # not installed, broken install, or blocked
+            ok = False
         _TRITON_OK.append(ok)
     return _TRITON_OK[0]
 
@@ -88,8 +88,11 @@ def use_triton(t: Tensor) -> bool:
     return t.device.type == "cpu" and _TRITON_ON_CPU[0] and not _is_fake(t)
 
 
-def is_triton_op(op: object) -> bool:
-    return getattr(op, "_attnres_triton_op", False)
+def is_triton_op(name: str) -> bool:
+    """Whether op ``name`` (e.g. ``"attnres::depth_attention"``) was registered as a triton_op."""
+    from torch._library.custom_ops import OPDEFS
+
+    return bool(getattr(OPDEFS.get(name), "_attnres_triton_op", False))
 
 
 def define_op(name: str, fn: Callable, cpu_kernel: Callable):

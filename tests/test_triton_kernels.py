@@ -1,0 +1,423 @@
+"""Generated Triton kernels and the compiled CPU fast path (SPEC.md sections 2, 4, 7).
+
+Triton kernels run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set here
+before triton is used). Covered:
+
+* the code generator: source specialised per (M, D, dtype, tile), one pointer per source,
+  cached on disk and memoised; the package imports and works without triton;
+* forward / backward (both variants) vs the float64 reference on small odd shapes, float32 /
+  bfloat16 / float16, expanded ``grad_out``, a peaked softmax;
+* byte counting in the interpreter: each kernel moves exactly the SPEC section 4 floor plus
+  what docs/kernels.md accounts for (per-token scalars, per-program parameter reads, the
+  ``[P, D]`` partial sums of the deterministic reduction);
+* op registration: ``torch.library.triton_op`` ops whose Triton path runs end to end (with
+  autograd) under ``triton_on_cpu()``; CPU tensors stay one opaque node;
+* the compiled C CPU path vs the reference, thread-count independence, fallback.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from attnres_compile.lowering import cpu_kernels
+from attnres_compile.lowering.triton_codegen import (
+    KernelSpec,
+    generate_source,
+    next_power_of_2,
+    resident_fits,
+)
+from attnres_compile.ops import depth_attention, depth_attention_reference
+from attnres_compile.ops import _dispatch
+from attnres_compile.ops.depth_attention import plain_cpu_path
+
+triton = pytest.importorskip("triton")
+
+from attnres_compile.lowering import triton_kernels as tk  # noqa: E402
+from attnres_compile.lowering.triton_interpret import count_bytes, round_bf16_to_nearest  # noqa: E402
+
+if not tk.interpreter_enabled():  # pragma: no cover - only when someone forces TRITON_INTERPRET=0
+    pytest.skip("needs TRITON_INTERPRET=1 (no GPU here)", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+
+@pytest.fixture(autouse=True)
+def _gpu_like_bf16_rounding():
+    """The interpreter truncates float32 -> bfloat16; the GPU rounds to nearest even."""
+    with round_bf16_to_nearest():
+        yield
+
+
+def assert_close(out, ref, tol, what):
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    ref = ref.double()
+    err = (out.double() - ref).norm().item()
+    norm = ref.norm().item()
+    assert norm > 0, f"{what}: reference is all zero"
+    assert err / norm < tol, f"{what}: relative error {err / norm:.3e} >= {tol:g}"
+
+
+def make_inputs(t, d, m, dtype, seed, lead=None):
+    gen = torch.Generator().manual_seed(seed)
+    shape = lead if lead is not None else (t,)
+    sources = [torch.randn(*shape, d, generator=gen).to(dtype) for _ in range(m)]
+    query = (0.5 * torch.randn(d, generator=gen)).to(dtype)
+    gain = (1.0 + 0.1 * torch.randn(d, generator=gen)).to(dtype)
+    grad_out = torch.randn(*shape, d, generator=gen).to(dtype)
+    eps = 1e-6 if m % 2 else 1e-2
+    return sources, query, gain, grad_out, eps
+
+
+def reference64(sources, query, gain, grad_out, eps, scale):
+    srcs = [s.detach().double().requires_grad_() for s in sources]
+    q = query.detach().double().requires_grad_()
+    g = gain.detach().double().requires_grad_()
+    out = depth_attention_reference(srcs, q, g, eps=eps, scale=scale)
+    out.backward(grad_out.double())
+    return out, [s.grad for s in srcs], q.grad, g.grad
+
+
+def check_backward(got, ref, tol, m):
+    grads, dq, dg = got
+    _, r_src, r_q, r_g = ref
+    for j, (a, b) in enumerate(zip(grads, r_src)):
+        assert_close(a, b, tol, f"grad of sources[{j}]")
+    if m == 1:
+        assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dg, torch.zeros_like(dg))
+    else:
+        assert_close(dq, r_q, tol, "grad of query")
+        assert_close(dg, r_g, tol, "grad of norm_weight")
+
+
+# --------------------------------------------------------------------------------------------
+# (a) the code generator
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,d,dtype", [(1, 5, "fp32"), (3, 48, "bf16"), (9, 100, "fp16"), (33, 7168, "bf16")])
+def test_generated_source_is_specialised(m, d, dtype):
+    bd = next_power_of_2(d)
+    fwd = generate_source(KernelSpec("fwd", d=d, dtype=dtype, m=m, block_t=4))
+    assert f"def attnres_fwd_m{m}_d{d}_{dtype}_bt4(" in fwd
+    signature = fwd[fwd.index("def attnres_fwd"):].split(":", 1)[0]
+    assert [f"src{j}" in signature for j in range(m)] == [True] * m and f"src{m}," not in signature
+    assert f"tl.arange(0, {bd})" in fwd and f"cols < {d}" in fwd
+    assert fwd.count("tl.load(src") == m  # every source read exactly once, unrolled
+    assert "stack" not in fwd and "atomic" not in fwd
+    if dtype != "fp32":
+        assert {"bf16": ".to(tl.bfloat16)", "fp16": ".to(tl.float16)"}[dtype] in fwd
+    for variant, loads in (("resident", m), ("twopass", 2 * m)):
+        bwd = generate_source(KernelSpec("bwd", d=d, dtype=dtype, m=m, block_t=1, variant=variant))
+        assert bwd.count("tl.load(src") == loads
+        assert "atomic" not in bwd and "partial_ptr + pid" in bwd
+    # distinct specialisations give distinct sources
+    assert fwd != generate_source(KernelSpec("fwd", d=d, dtype=dtype, m=m + 1, block_t=4))
+    assert fwd != generate_source(KernelSpec("fwd", d=d + 1, dtype=dtype, m=m, block_t=4))
+
+
+def test_kernels_are_cached_on_disk_and_memoised(tmp_path, monkeypatch):
+    from attnres_compile.lowering import triton_codegen
+
+    monkeypatch.setenv("ATTNRES_COMPILE_CACHE", str(tmp_path))
+    spec = KernelSpec("fwd", d=7, dtype="fp32", m=2, block_t=2)
+    monkeypatch.setattr(triton_codegen, "_LOADED", {})
+    k1 = triton_codegen.load_kernel(spec)
+    k2 = triton_codegen.load_kernel(spec)
+    assert k1 is k2
+    files = list((tmp_path / "triton").glob("attnres_fwd_m2_d7_fp32_bt2_*.py"))
+    assert len(files) == 1 and files[0].read_text() == generate_source(spec)
+
+
+def test_resident_budget():
+    assert resident_fits(9, 7168, "bf16", 1)  # Kimi-like Block AttnRes backward keeps rows on chip
+    assert not resident_fits(33, 7168, "bf16", 1)
+    assert tk.backward_variant(64, 48, torch.float32, 1) == "resident"
+
+
+def test_package_imports_and_runs_without_triton():
+    code = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "triton" or name.startswith("triton."):
+                    raise ImportError("triton blocked for this test")
+        sys.meta_path.insert(0, Block())
+        import torch
+        import attnres_compile
+        from attnres_compile.ops import depth_attention, depth_attention_reference, _dispatch
+        from attnres_compile.lowering import triton_codegen
+        assert not _dispatch.is_triton_op("attnres::depth_attention")
+        assert "triton" not in sys.modules
+        src = triton_codegen.generate_source(triton_codegen.KernelSpec("fwd", d=5, m=2))
+        xs = [torch.randn(3, 5, requires_grad=True) for _ in range(2)]
+        q, g = torch.randn(5), torch.ones(5)
+        out = depth_attention(xs, q, g, eps=1e-6)
+        ref = depth_attention_reference(xs, q, g, eps=1e-6)
+        assert torch.allclose(out, ref, atol=1e-6), (out, ref)
+        out.sum().backward()
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# (b) forward and backward vs the float64 reference
+# --------------------------------------------------------------------------------------------
+
+SHAPES = [(5, 1, 7), (48, 2, 19), (100, 3, 37), (5, 9, 23), (48, 33, 11), (100, 9, 13)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d,m,t", SHAPES, ids=lambda v: str(v))
+def test_forward_matches_reference(d, m, t, dtype):
+    sources, query, gain, _, eps = make_inputs(t, d, m, dtype, seed=1000 * d + m)
+    scale = float(m) if m % 2 else 1.0
+    out = tk.forward(sources, query, gain, eps, scale, block_t=4, num_programs=3)
+    ref = depth_attention_reference([s.double() for s in sources], query.double(), gain.double(), eps=eps, scale=scale)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close(out, ref, TOL[dtype], "output")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d,m,t", SHAPES, ids=lambda v: str(v))
+def test_backward_matches_reference(d, m, t, dtype):
+    sources, query, gain, grad_out, eps = make_inputs(t, d, m, dtype, seed=2000 * d + m)
+    scale = float(m) if m % 2 else 1.0
+    ref = reference64(sources, query, gain, grad_out, eps, scale)
+    variants = ["resident", "twopass"] if dtype == torch.float32 else ["resident"]
+    for variant in variants:
+        got = tk.backward(grad_out, sources, query, gain, eps, scale, block_t=4, num_programs=2, variant=variant)
+        assert all(g.dtype == dtype for g in got[0]) and got[1].dtype == dtype
+        check_backward(got, ref, TOL[dtype], m)
+
+
+def test_sixty_four_sources():
+    sources, query, gain, grad_out, eps = make_inputs(9, 48, 64, torch.float32, seed=64)
+    ref = reference64(sources, query, gain, grad_out, eps, 1.0)
+    out = tk.forward(sources, query, gain, eps, 1.0)
+    assert_close(out, ref[0], 1e-5, "output")
+    check_backward(tk.backward(grad_out, sources, query, gain, eps, 1.0), ref, 1e-5, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_expanded_and_strided_grad_out(dtype):
+    sources, query, gain, _, eps = make_inputs(None, 48, 3, dtype, seed=5, lead=(2, 5))
+    expanded = torch.ones((), dtype=dtype).expand(2, 5, 48)  # what .sum() produces
+    strided = torch.randn(48, 5, 2).to(dtype).permute(2, 1, 0)  # non-contiguous, non-mergeable
+    for grad_out in (expanded, strided):
+        ref = reference64(sources, query, gain, grad_out, eps, 2.0)
+        check_backward(tk.backward(grad_out, sources, query, gain, eps, 2.0, block_t=2), ref, TOL[dtype], 3)
+
+
+def test_non_contiguous_sources_are_read_in_place_or_copied():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 3, 40, generator=gen)
+    sources = [base[:, j] for j in range(3)]  # row-strided views: read in place
+    transposed = [torch.randn(40, 6, generator=gen).t() for _ in range(2)]  # unit column stride lost
+    for srcs in (sources, transposed):
+        q, g = torch.randn(40, generator=gen), torch.ones(40)
+        ref = reference64(srcs, q, g, torch.ones(srcs[0].shape), 1e-6, 1.0)
+        assert_close(tk.forward(srcs, q, g, 1e-6, 1.0), ref[0], 1e-5, "output")
+        check_backward(tk.backward(torch.ones(srcs[0].shape), srcs, q, g, 1e-6, 1.0), ref, 1e-5, len(srcs))
+
+
+@pytest.mark.parametrize("variant", ["resident", "twopass"])
+def test_peaked_softmax_gradients_stay_accurate(variant):
+    sources, query, gain, grad_out, eps = make_inputs(8, 64, 4, torch.float32, seed=17)
+    u = query * gain
+    sources[0] = sources[0] + 1.2 * u / u.pow(2).mean().sqrt()
+    ref = reference64(sources, query, gain, grad_out, eps, 1.0)
+    check_backward(tk.backward(grad_out, sources, query, gain, eps, 1.0, block_t=4, variant=variant), ref, 1e-5, 4)
+
+
+def test_zero_tokens():
+    sources = [torch.randn(0, 8) for _ in range(2)]
+    assert tk.forward(sources, torch.ones(8), torch.ones(8), 1e-6, 1.0).shape == (0, 8)
+    grads, dq, dg = tk.backward(torch.randn(0, 8), sources, torch.ones(8), torch.ones(8), 1e-6, 1.0)
+    assert [g.shape for g in grads] == [(0, 8)] * 2 and dq.abs().sum() == 0 and dg.abs().sum() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# (c) bytes moved (SPEC section 4), counted in the interpreter
+# --------------------------------------------------------------------------------------------
+
+
+def _named(sources, **extra):
+    named = {f"src{j}": s for j, s in enumerate(sources)}
+    named.update(extra)
+    return named
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m,d,t,bt,p", [(1, 5, 7, 4, 2), (3, 100, 13, 4, 3), (9, 48, 37, 8, 4)])
+def test_forward_moves_exactly_the_floor(m, d, t, bt, p, dtype):
+    sources, query, gain, _, eps = make_inputs(t, d, m, dtype, seed=m)
+    out = torch.empty(t, d, dtype=dtype)  # registered so its stores are attributed
+    e = sources[0].element_size()
+    tiles = -(-t // bt)
+    with count_bytes(_named(sources, query=query, gain=gain, out=out), track_elements=True) as c:
+        h = tk.forward(sources, query, gain, eps, 1.0, block_t=bt, num_programs=p)
+    programs = min(p, tiles)
+    for j in range(m):  # M*D read per token, every element exactly once
+        assert c.loaded(f"src{j}") == t * d * e
+        assert c.distinct_loaded_elements(f"src{j}") == t * d
+    assert c.loaded("query") == c.loaded("gain") == programs * d * e  # once per program
+    assert c.total_loaded == m * t * d * e + 2 * programs * d * e
+    assert c.total_stored == t * d * e  # D written per token, no per-token scalars saved
+    assert set(c.stores) == {"<other>"}  # h (allocated by the launcher)
+    assert h.shape == (t, d)
+
+
+@pytest.mark.parametrize("variant", ["resident", "twopass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m,d,t,bt,p", [(2, 5, 7, 4, 2), (3, 100, 13, 4, 3), (9, 48, 37, 8, 4)])
+def test_backward_moves_exactly_the_floor(m, d, t, bt, p, dtype, variant):
+    sources, query, gain, grad_out, eps = make_inputs(t, d, m, dtype, seed=m)
+    e = sources[0].element_size()
+    programs = min(p, -(-t // bt))
+    with count_bytes(_named(sources, query=query, gain=gain, grad=grad_out), track_elements=True) as c:
+        grads, dq, dg = tk.backward(grad_out, sources, query, gain, eps, 1.0, block_t=bt, num_programs=p, variant=variant)
+    reads = 1 if variant == "resident" else 2
+    for j in range(m):
+        assert c.loaded(f"src{j}") == reads * t * d * e
+        assert c.distinct_loaded_elements(f"src{j}") == t * d
+    assert c.loaded("grad") == t * d * e
+    # parameters: once per program in the main kernel, once more in the reduction kernel
+    assert c.loaded("query") == c.loaded("gain") == (programs + 1) * d * e
+    # the deterministic reduction: P partial rows of D float32 written, then read once
+    partial = programs * d * 4
+    assert c.loaded("<other>") == partial
+    param_out = 2 * d * dq.element_size()
+    assert c.total_stored == m * t * d * e + partial + param_out  # M*D written per token
+    assert c.total_loaded == (reads * m + 1) * t * d * e + 2 * (programs + 1) * d * e + partial
+
+
+# --------------------------------------------------------------------------------------------
+# (d) registration: triton_op ops, Triton path through the ops, CPU stays one node
+# --------------------------------------------------------------------------------------------
+
+
+def test_ops_are_triton_ops():
+    from torch._library.triton import triton_ops_to_kernels
+
+    for name in ("depth_attention", "depth_attention_backward", "depth_attention_phase1", "depth_attention_phase2"):
+        assert _dispatch.is_triton_op(f"attnres::{name}")
+        assert f"attnres::{name}" in triton_ops_to_kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_op_runs_the_triton_path_with_autograd(dtype):
+    sources, query, gain, grad_out, eps = make_inputs(None, 48, 3, dtype, seed=9, lead=(2, 3))
+    ref = reference64(sources, query, gain, grad_out, eps, 3.0)
+    leaves = [s.clone().requires_grad_() for s in sources]
+    q, g = query.clone().requires_grad_(), gain.clone().requires_grad_()
+    calls = []
+    orig_fwd, orig_bwd = tk.forward, tk.backward
+    try:
+        tk.forward = lambda *a, **k: calls.append("fwd") or orig_fwd(*a, **k)
+        tk.backward = lambda *a, **k: calls.append("bwd") or orig_bwd(*a, **k)
+        with _dispatch.triton_on_cpu():
+            out = depth_attention(leaves, q, g, eps=eps, scale=3.0)
+            out.backward(grad_out)
+    finally:
+        tk.forward, tk.backward = orig_fwd, orig_bwd
+    assert calls == ["fwd", "bwd"]
+    assert_close(out, ref[0], TOL[dtype], "output")
+    check_backward(([s.grad for s in leaves], q.grad, g.grad), ref, TOL[dtype], 3)
+
+
+def test_fake_tensors_use_the_plain_body_under_the_interpreter():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        xs = [torch.empty(4, 16) for _ in range(3)]
+        out = torch.ops.attnres.depth_attention(xs, torch.empty(16), torch.empty(16), 1e-6, 1.0)
+        grads, dq, dg = torch.ops.attnres.depth_attention_backward(out, xs, torch.empty(16), torch.empty(16), 1e-6, 1.0)
+    assert out.shape == (4, 16) and [g.shape for g in grads] == [(4, 16)] * 3 and dq.shape == (16,)
+
+
+# --------------------------------------------------------------------------------------------
+# (e) the compiled CPU fast path
+# --------------------------------------------------------------------------------------------
+
+needs_cc = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler for the CPU fast path")
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d,m,t", [(5, 1, 7), (48, 2, 130), (100, 9, 37), (1000, 5, 70), (48, 33, 11)], ids=str)
+def test_cpu_kernels_match_reference(d, m, t, dtype):
+    sources, query, gain, grad_out, eps = make_inputs(t, d, m, dtype, seed=3000 * d + m)
+    scale = float(m)
+    ref = reference64(sources, query, gain, grad_out, eps, scale)
+    out = cpu_kernels.forward(sources, query, gain, eps, scale)
+    assert out is not None and out.dtype == dtype
+    assert_close(out, ref[0], TOL[dtype], "output")
+    check_backward(cpu_kernels.backward(grad_out, sources, query, gain, eps, scale), ref, TOL[dtype], m)
+    expanded = torch.ones((), dtype=dtype).expand(t, d)
+    ref_e = reference64(sources, query, gain, expanded, eps, scale)
+    check_backward(cpu_kernels.backward(expanded, sources, query, gain, eps, scale), ref_e, TOL[dtype], m)
+
+
+@needs_cc
+def test_cpu_op_uses_the_fast_path_and_agrees_with_plain():
+    sources, query, gain, grad_out, eps = make_inputs(300, 64, 4, torch.float32, seed=4)
+    fast = depth_attention(sources, query, gain, eps=eps)
+    assert cpu_kernels.kernel_for("fwd", 4, torch.float32) is not None
+    with plain_cpu_path():
+        plain = depth_attention(sources, query, gain, eps=eps)
+    assert_close(fast, plain, 1e-5, "fast vs plain CPU path")
+
+
+@needs_cc
+def test_cpu_backward_does_not_depend_on_thread_count():
+    sources, query, gain, grad_out, eps = make_inputs(4000, 64, 3, torch.float32, seed=8)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.backward(grad_out, sources, query, gain, eps, 1.0)
+        torch.set_num_threads(max(2, prev))
+        many = cpu_kernels.backward(grad_out, sources, query, gain, eps, 1.0)
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(a, b) for a, b in zip(one[0], many[0]))
+    assert torch.equal(one[1], many[1]) and torch.equal(one[2], many[2])
+
+
+def test_cpu_fast_path_can_be_disabled(monkeypatch):
+    monkeypatch.setenv("ATTNRES_CPU_KERNELS", "0")
+    assert not cpu_kernels.available()
+    assert cpu_kernels.forward([torch.randn(3, 4)], torch.ones(4), torch.ones(4), 1e-6, 1.0) is None
+    sources, query, gain, grad_out, eps = make_inputs(5, 8, 2, torch.float32, seed=1)
+    ref = reference64(sources, query, gain, grad_out, eps, 1.0)
+    assert_close(depth_attention(sources, query, gain, eps=eps), ref[0], 1e-5, "output (plain fallback)")
+
+
+@needs_cc
+def test_cpu_fast_path_is_not_traced_by_compile():
+    """torch.compile of a function calling the op: the op stays an opaque node (fake impl),
+    and the real CPU kernel runs at run time without recursing into compilation."""
+    sources, query, gain, _, eps = make_inputs(16, 32, 3, torch.float32, seed=6)
+
+    def f(a, b, c, q, g):
+        return depth_attention([a, b, c], q, g, eps=eps) * 2
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*sources, query, gain)
+    ref = depth_attention_reference(sources, query, gain, eps=eps) * 2
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
