@@ -9,6 +9,7 @@ the original model's plus `attnres.*`.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -53,6 +54,10 @@ def _with_forward_signature(cls, generated_forward, constant_kwargs: dict):
     forward.__signature__ = inspect.Signature(out)
     forward.__doc__ = AttnResModule.forward.__doc__
     return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+
+
+def _on_cuda(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
 
 
 class _Specs:
@@ -141,6 +146,18 @@ class AttnResModule(nn.Module):
             fns[mode] = type(GraphModule(self, graph, class_name=f"AttnRes{mode.title()}Graph")).forward
         self._forward_fns = fns
 
+    def _no_grad_forward(self, mode: str):
+        """The mode's graph with its sites in the two-phase schedule (built on first use)."""
+        key = f"{mode}_no_grad"
+        fn = self._forward_fns.get(key)
+        if fn is None:
+            from .passes.two_phase import to_two_phase
+
+            gm = GraphModule(self, copy.deepcopy(self._graphs[mode]), class_name=f"AttnRes{mode.title()}NoGrad")
+            fn = type(gm).forward if to_two_phase(gm) else self._forward_fns[mode]
+            self._forward_fns[key] = fn
+        return fn
+
     @property
     def graph(self) -> Graph:
         """The rewritten graph for the current mode."""
@@ -160,7 +177,15 @@ class AttnResModule(nn.Module):
                     f"keyword argument {key}={kwargs[key]!r} differs from the value {value!r} the model "
                     f"was converted with; non-tensor arguments are fixed at conversion"
                 )
-        return self._forward_fns["train" if self.training else "eval"](self, *args, **kwargs)
+        mode = "train" if self.training else "eval"
+        if (not torch.is_grad_enabled() and _on_cuda(args)
+                and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())):
+            # Gradients off in eager on CUDA: serve the two-phase schedule (SPEC section 3). On
+            # CPU the fused single-pass op is faster (docs/performance.md). Graph capture keeps
+            # the plain op: the backend applies two-phase itself, and exported programs (ONNX)
+            # stay one node per site.
+            return self._no_grad_forward(mode)(self, *args, **kwargs)
+        return self._forward_fns[mode](self, *args, **kwargs)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -18,7 +18,8 @@ torch._dynamo.list_backends()` after `pip install`.
   `save_attnres`). A backend cannot hand new parameters to an optimizer: to *train* AttnRes,
   `convert()` the model first; the backend warns when it sees gradients flowing.
 
-Options: `weights`, `preserve` ("exact" by default), `num_blocks`, `block_size`, `eps`.
+Options: `weights`, `preserve` ("exact" by default), `num_blocks`, `block_size`, `eps`,
+`two_phase` (force the two-phase schedule under no_grad on CPU too; it is always used on CUDA).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 log = logging.getLogger("attnres_compile")
 
-_OPTION_KEYS = {"weights", "preserve", "num_blocks", "block_size", "eps"}
+_OPTION_KEYS = {"weights", "preserve", "num_blocks", "block_size", "eps", "two_phase"}
 
 
 def _has_depth_attention(gm: torch.fx.GraphModule) -> bool:
@@ -88,7 +89,13 @@ def attnres_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     """Dynamo backend: lower depth attention and compile the rest with Inductor."""
     options = dict(options or {})
     if _has_depth_attention(gm):
-        if not torch.is_grad_enabled():
+        unknown = set(options) - _OPTION_KEYS
+        if unknown:
+            raise ValueError(f"unknown option(s) for the attnres backend: {sorted(unknown)}")
+        on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+        if not torch.is_grad_enabled() and (on_cuda or options.get("two_phase", False)):
+            # two-phase serves S sites with one read of the completed blocks: a win with the
+            # CUDA kernels; on CPU the fused single-pass op measured faster (docs/performance.md)
             from ..passes.two_phase import to_two_phase
 
             to_two_phase(gm)
