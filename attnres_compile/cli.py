@@ -1,29 +1,964 @@
-"""Command-line entry point `attnres` (placeholder: the real commands are planned)."""
+"""The `attnres` command line (also `python -m attnres_compile`): inspect, convert, export, check.
+
+A model is named `package.module:attr` (imported with the current directory on sys.path), where
+`attr` (dotted paths allowed) is either
+
+- a zero-argument factory returning `(model, example_inputs)` or `(model, example_inputs, kwargs)`,
+- or an nn.Module instance, with `--input-shape 2,16 [--input-dtype long]` for its inputs.
+
+Exit codes: 0 success; 1 a check failed (or the command failed past its input); 2 bad input
+(unknown module, missing attribute, not a module or factory, untraceable model, no eligible
+residual stream, bad arguments). Errors are one line on stderr; `--debug` shows the traceback.
+
+torch and the package are imported only once the arguments parse, so `--help`, `--version`
+and argument errors are quick.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import importlib
+import inspect
+import json
+import math
+import os
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-USAGE = """\
-usage: attnres <command> MODULE:ATTR [options]
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-commands (planned, not implemented yet):
-  inspect   list residual streams and the adds left alone
-  convert   convert to Block AttnRes and save
-  check     compare the converted model against the original
-  export    export the converted model to ONNX
+DTYPES = {
+    "long": "int64", "int64": "int64", "int": "int32", "int32": "int32", "int16": "int16",
+    "uint8": "uint8", "bool": "bool",
+    "float": "float32", "float32": "float32", "double": "float64", "float64": "float64",
+    "half": "float16", "float16": "float16", "bfloat16": "bfloat16",
+}
 
-Until then, use the Python API: attnres_compile.convert(model, example_inputs, num_blocks=...)
-"""
+
+class BadInput(Exception):
+    """The user's input cannot be used: exit 2 with this one-line message."""
+
+
+class Failed(Exception):
+    """The command ran into a failure that is not the input's fault: exit 1."""
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (plus a pointer to --help) and exit 2."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip() != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 2,16, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected a shape of positive sizes like 2,16, got {text!r}")
+    return dims
+
+
+def _dtype(text: str) -> str:
+    key = text.lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[key]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("attnres-compile")
+    except PackageNotFoundError:
+        own = "unknown"
+    try:
+        torch_v = version("torch")
+    except PackageNotFoundError:
+        torch_v = "not installed"
+    return f"attnres {own} (torch {torch_v})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="attnres",
+        description="Inspect, convert, export and check Block Attention Residual conversions of a "
+                    "PyTorch model named as package.module:attr.",
+        epilog="exit codes: 0 success, 1 a check failed, 2 bad input. Docs: docs/cli.md",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+
+    common = _Parser(add_help=False)
+    common.add_argument("model", metavar="MODEL",
+                        help="package.module:attr; attr is a zero-argument factory returning "
+                             "(model, example_inputs[, kwargs]) or an nn.Module instance")
+    layout = common.add_mutually_exclusive_group()
+    layout.add_argument("--num-blocks", type=_positive_int, metavar="N",
+                        help="blocks per residual stream (default 8); block size = ceil(sublayers / N)")
+    layout.add_argument("--block-size", type=_positive_int, metavar="S",
+                        help="sublayers per block (1 = Full AttnRes)")
+    inputs = common.add_argument_group("example inputs for a bare module instance")
+    inputs.add_argument("--input-shape", type=_shape, action="append", metavar="SHAPE",
+                        help="shape of one positional input, e.g. 2,16 (repeat for more inputs)")
+    inputs.add_argument("--input-dtype", type=_dtype, action="append", metavar="DTYPE",
+                        help="dtype of each input (one for all, or one per --input-shape): long, float, "
+                             "bfloat16, ... (default float32). Integer inputs are drawn from "
+                             "[0, num_embeddings) of the model's first nn.Embedding, else [0, 2)")
+    common.add_argument("--seed", type=_nonneg_int, default=0,
+                        help="torch seed set before building the model and inputs (default 0)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and library warnings")
+
+    def preserve_arg(p, default):
+        p.add_argument("--preserve", choices=("scale", "exact"), default=default,
+                       help=f"'scale' (the paper) or 'exact' (bit-for-bit at step 0; also converts "
+                            f"non-PreNorm chains); default {default!r}")
+
+    def dynamic_arg(p, what):
+        p.add_argument("--dynamic", action="store_true",
+                       help=f"{what} with a dynamic dim 0 of every tensor input (and dim 1 of 2-D "
+                            "integer inputs, e.g. token ids) via torch.export.Dim")
+
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("inspect", parents=[common],
+                       help="show residual chains, sites, block layout and every add left alone",
+                       description="Convert (in memory) and print the conversion report: residual "
+                                   "chains, depth-attention sites, block layout, and every add left "
+                                   "alone with its reason. Exits 2 (after printing the report) when "
+                                   "no chain is eligible.")
+    preserve_arg(p, "scale")
+    p.add_argument("--json", metavar="FILE", help="write the report (plus a status) as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", parents=[common],
+                       help="convert and save the program (torch.export) and the AttnRes weights",
+                       description="Convert, save the converted program with torch.export.save "
+                                   "(eval mode) and the new AttnRes parameters alone as safetensors "
+                                   "next to it (FILE with suffix .attnres.safetensors); then load the "
+                                   "program back and check it reproduces the converted module.")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the program (.pt2)")
+    preserve_arg(p, "scale")
+    dynamic_arg(p, "export")
+    p.add_argument("--max-rel-err", type=_positive_float, default=1e-5, metavar="X",
+                   help="largest relative error of the reloaded program (default 1e-5)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", parents=[common],
+                       help="convert and export to ONNX, then compare onnxruntime with PyTorch",
+                       description="Convert, export to ONNX (one attnres::DepthAttention node per "
+                                   "site), run onnxruntime on the example inputs and compare with "
+                                   "PyTorch. Exits 1 when the relative error exceeds --max-rel-err.")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the .onnx file")
+    preserve_arg(p, "scale")
+    p.add_argument("--inline", action="store_true",
+                   help="expand each DepthAttention node into standard ONNX ops (no functions)")
+    dynamic_arg(p, "export")
+    p.add_argument("--max-rel-err", type=_positive_float, default=1e-4, metavar="X",
+                   help="largest accepted relative error, onnxruntime vs PyTorch (default 1e-4)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check", parents=[common],
+                       help="the CI gate: step-0 equivalence, gradient flow, sites, ONNX parity",
+                       description="Convert (exact mode by default) and check: step-0 equivalence "
+                                   "with the original (eval mode), gradient flow to every new "
+                                   "parameter, the number of sites (--expect-sites) and, with --onnx, "
+                                   "onnxruntime parity. One PASS/FAIL line per check; exit 0 only "
+                                   "when all pass, 1 when one fails.")
+    preserve_arg(p, "exact")
+    p.add_argument("--expect-sites", type=_nonneg_int, metavar="N",
+                   help="the number of depth-attention sites the conversion must find")
+    p.add_argument("--max-rel-err", type=_positive_float, default=1e-5, metavar="X",
+                   help="largest accepted relative error of the converted model's output vs the "
+                        "original at step 0 (default 1e-5)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also export to ONNX (random non-zero queries) and compare onnxruntime with PyTorch")
+    p.add_argument("--onnx-max-rel-err", type=_positive_float, default=1e-4, metavar="X",
+                   help="largest accepted relative error of the ONNX parity check (default 1e-4)")
+    p.add_argument("--json", metavar="FILE", help="write the checks and the report as JSON")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+class UI:
+    """stdout for results, stderr for progress and errors (rich; plain text when not a terminal).
+
+    Library calls run inside `step()`, which also swallows what torch and the ONNX exporter
+    print straight to stdout/stderr (e.g. the partial graph torch.export prints on failure),
+    unless --debug.
+    """
+
+    def __init__(self, debug: bool):
+        from rich.console import Console
+
+        self.debug = debug
+        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=False,
+                           width=None if sys.stdout.isatty() else 140)
+        self.err = Console(file=sys.stderr, stderr=True, highlight=False)
+
+    def print(self, *objects, style=None):
+        self.out.print(*objects, style=style, markup=False)
+
+    def print_report(self, report):
+        if self.out.is_terminal:
+            self.out.print(report)
+        else:  # CI logs: no trailing padding
+            self.out.file.write("\n".join(ln.rstrip() for ln in str(report).splitlines()) + "\n")
+
+    @contextlib.contextmanager
+    def step(self, message: str):
+        """A spinner on stderr while a long step runs (terminals only), then a timed tick."""
+        import io
+
+        start = time.perf_counter()
+        quiet = contextlib.ExitStack()
+        if not self.debug:
+            quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        with quiet:
+            if not self.err.is_terminal:
+                yield
+                return
+            with self.err.status(f"{message} ..."):
+                yield
+        elapsed = time.perf_counter() - start
+        if elapsed >= 1.0:
+            self.err.print(f"[dim]{message}: {elapsed:.1f} s[/dim]")
+
+
+# -- loading the model ---------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    spec: str
+    model: object
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+
+def _import(module_name: str):
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the console script does not add it; `python -m` does
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise BadInput(f"cannot import {module_name!r}: no module named {missing!r} "
+                           f"(run from the directory that contains it, or install it)") from exc
+        raise BadInput(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # the module itself raised while importing
+        raise BadInput(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _resolve(spec: str):
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise BadInput(f"MODEL must be package.module:attr (e.g. examples.cli_models:gpt_small), got {spec!r}")
+    obj = _import(module_name)
+    where = module_name
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise BadInput(f"module {where!r} has no attribute {part!r}")
+        obj = getattr(obj, part)
+        where = f"{where}.{part}"
+    return obj
+
+
+def _embedding_size(model) -> int:
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            return m.num_embeddings
+    return 2
+
+
+def _make_inputs(model, shapes, dtypes, spec: str) -> tuple:
+    import torch
+
+    dtypes = dtypes or ["float32"]
+    if len(dtypes) == 1:
+        dtypes = dtypes * len(shapes)
+    if len(dtypes) != len(shapes):
+        raise BadInput(f"give one --input-dtype for all inputs or one per --input-shape "
+                       f"({len(shapes)} shapes, {len(dtypes)} dtypes)")
+    out = []
+    for shape, name in zip(shapes, dtypes):
+        dtype = getattr(torch, name)
+        if dtype == torch.bool:
+            out.append(torch.randint(0, 2, shape).bool())
+        elif dtype.is_floating_point:
+            out.append(torch.randn(shape).to(dtype))
+        else:
+            out.append(torch.randint(0, _embedding_size(model), shape).to(dtype))
+    return tuple(out)
+
+
+def load_target(args, ui: UI) -> Target:
+    """Import MODEL, build the model and its example inputs (BadInput when that cannot be done)."""
+    with ui.step(f"loading {args.model}"):
+        return _load_target(args)
+
+
+def _load_target(args) -> Target:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(args.seed)
+    spec = args.model
+    obj = _resolve(spec)
+    if isinstance(obj, nn.Module):
+        model, example, kwargs = obj, None, {}
+    elif callable(obj):
+        try:
+            inspect.signature(obj).bind()
+        except TypeError:
+            raise BadInput(f"{spec} is a callable that needs arguments; name a zero-argument factory "
+                           f"returning (model, example_inputs) or an nn.Module instance") from None
+        except ValueError:
+            pass  # no signature (builtins): just call it
+        try:
+            result = obj()
+        except Exception as exc:
+            raise BadInput(f"{spec}() raised {type(exc).__name__}: {_one_line(str(exc))}") from exc
+        if isinstance(result, nn.Module):
+            model, example, kwargs = result, None, {}
+        elif (isinstance(result, (tuple, list)) and len(result) in (2, 3)
+              and isinstance(result[0], nn.Module)):
+            model, example = result[0], result[1]
+            kwargs = result[2] if len(result) == 3 else {}
+            if kwargs is None:
+                kwargs = {}
+            if not isinstance(kwargs, dict):
+                raise BadInput(f"{spec}() returned kwargs of type {type(kwargs).__name__}; expected a dict")
+            if isinstance(example, torch.Tensor):
+                example = (example,)
+            elif isinstance(example, list):
+                example = tuple(example)
+            if not isinstance(example, tuple):
+                raise BadInput(f"{spec}() returned example_inputs of type {type(example).__name__}; "
+                               "expected a tuple of positional arguments (or one tensor)")
+        else:
+            raise BadInput(f"{spec}() returned {_describe(result)}; a factory must return "
+                           "(model, example_inputs) or (model, example_inputs, kwargs) with an nn.Module model")
+    else:
+        raise BadInput(f"{spec} is {_describe(obj)}, not an nn.Module or a zero-argument factory "
+                       "returning (model, example_inputs)")
+
+    if example is None:
+        if not args.input_shape:
+            raise BadInput(f"{spec} is a module instance without example inputs: pass --input-shape "
+                           "(and --input-dtype), or name a factory returning (model, example_inputs)")
+        example = _make_inputs(model, args.input_shape, args.input_dtype, spec)
+    elif args.input_shape or args.input_dtype:
+        raise BadInput(f"--input-shape/--input-dtype are for module instances; {spec} supplies its own example inputs")
+    return Target(spec, model, example, dict(kwargs))
+
+
+def _describe(obj) -> str:
+    name = type(obj).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    if isinstance(obj, (tuple, list)):
+        return f"{article} {name} of {len(obj)} ({', '.join(type(o).__name__ for o in obj[:3])})"
+    return f"{article} {name}"
+
+
+def _one_line(text: str) -> str:
+    """A multi-line message as one line: sentences joined by a space, other lines by '; '."""
+    out = ""
+    for ln in (ln.strip() for ln in str(text).strip().splitlines()):
+        if not ln:
+            continue
+        out = ln if not out else out + (" " if out.endswith((".", ":", ";")) else "; ") + ln
+    return out
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# -- shared helpers --------------------------------------------------------------------------------------
+
+def convert_target(target: Target, args, ui: UI, preserve: str):
+    from . import convert
+
+    with ui.step(f"converting {target.name} (capture with torch.export, train and eval)"):
+        return convert(target.model, target.args, kwargs=target.kwargs, num_blocks=args.num_blocks,
+                       block_size=args.block_size, preserve=preserve)
+
+
+def main_output(out):
+    """The tensor to compare: the output itself, logits, last_hidden_state, else the first tensor."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is None and isinstance(out, dict):
+            value = out.get(key)
+        if isinstance(value, torch.Tensor):
+            return value
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    raise Failed(f"the model's output ({type(out).__name__}) holds no tensor to compare")
+
+
+def tensor_leaves(out) -> list:
+    import torch
+    from torch.utils import _pytree as pytree
+
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def rel_err(out, ref) -> float:
+    """max |out - ref| / max |ref| in float64 (inf when shapes differ or anything is not finite)."""
+    import numpy as np
+    import torch
+
+    a = out.detach().double().cpu() if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out)).double()
+    b = ref.detach().double().cpu() if isinstance(ref, torch.Tensor) else torch.from_numpy(np.asarray(ref)).double()
+    if a.shape != b.shape or not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        return math.inf
+    if a.numel() == 0:
+        return 0.0
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else ("0" if x == 0 else f"{x:.2e}")
+
+
+def _bound(module, args: tuple, kwargs: dict):
+    sig = inspect.signature(module.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise Failed(f"the example inputs do not fit {type(module).__name__}.forward: {exc}") from exc
+    return sig, bound
+
+
+def dynamic_shapes_for(module, args: tuple, kwargs: dict) -> dict:
+    """torch.export dynamic_shapes: dim 0 of every tensor input, and dim 1 of 2-D integer inputs.
+
+    Inputs whose dims have the same size share one Dim (e.g. input_ids and attention_mask).
+    """
+    import torch
+    from torch.export import Dim
+    from torch.utils import _pytree as pytree
+
+    dims: dict = {}
+
+    def dim(role: str, size: int):
+        key = (role, size)
+        if key not in dims:
+            n = sum(1 for r, _ in dims if r == role)
+            dims[key] = Dim(role if n == 0 else f"{role}_{n}")
+        return dims[key]
+
+    def spec(x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        s = {0: dim("batch", x.shape[0])}
+        if x.dim() == 2 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
+            s[1] = dim("seq", x.shape[1])
+        return s
+
+    sig, bound = _bound(module, args, kwargs)
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(pytree.tree_map(spec, v) for v in value)
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
+        else:
+            out[name] = pytree.tree_map(spec, value)
+    return out
+
+
+def resized_inputs(args: tuple, kwargs: dict, dynamic: dict, module):
+    """Inputs of other sizes along the dynamic dims (batch + 1, seq - 1), values like the examples."""
+    import torch
+
+    sig, bound = _bound(module, args, kwargs)
+    new_size = {}
+    g = torch.Generator().manual_seed(1)
+
+    def resize(x, spec):
+        if not isinstance(x, torch.Tensor) or not spec:
+            return x
+        shape = list(x.shape)
+        for axis, d in spec.items():
+            if d not in new_size:
+                old = x.shape[axis]
+                new_size[d] = old + 1 if d.__name__.startswith("batch") or old <= 2 else old - 1
+            shape[axis] = new_size[d]
+        if x.dtype == torch.bool:
+            return torch.randint(0, 2, shape, generator=g).bool()
+        if x.is_floating_point():
+            return torch.randn(shape, generator=g).to(x.dtype)
+        lo, hi = int(x.min()), int(x.max())
+        return torch.randint(lo, hi + 1, shape, generator=g).to(x.dtype)
+
+    new_args, new_kwargs = [], {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        spec = dynamic.get(name)
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            new_args.extend(_resize_tree(resize, tuple(value), spec))
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            new_kwargs.update(_resize_tree(resize, dict(value), spec))
+        elif kind == inspect.Parameter.KEYWORD_ONLY or name in kwargs:
+            new_kwargs[name] = _resize_tree(resize, value, spec)
+        else:
+            new_args.append(_resize_tree(resize, value, spec))
+    return tuple(new_args), new_kwargs
+
+
+def _resize_tree(resize, value, spec):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return resize(value, spec)
+    if isinstance(value, (tuple, list)) and isinstance(spec, (tuple, list)):
+        return type(value)(_resize_tree(resize, v, s) for v, s in zip(value, spec))
+    if isinstance(value, dict) and isinstance(spec, dict):
+        return {k: _resize_tree(resize, v, spec.get(k)) for k, v in value.items()}
+    return value
+
+
+def onnx_feed(session, module, args: tuple, kwargs: dict) -> dict:
+    """Map the ONNX graph inputs to the tensors of (args, kwargs): by name, else by order."""
+    sig, bound = _bound(module, args, kwargs)
+    named, ordered = {}, []
+    for name, value in bound.arguments.items():
+        leaves = tensor_leaves(value)
+        ordered.extend(leaves)
+        if len(leaves) == 1:
+            named[name] = leaves[0]
+    inputs = session.get_inputs()
+    if all(i.name in named for i in inputs):
+        return {i.name: named[i.name].detach().cpu().numpy() for i in inputs}
+    if len(inputs) == len(ordered):
+        return {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, ordered)}
+    raise Failed(f"cannot match the ONNX inputs {[i.name for i in inputs]} to the model's tensor inputs")
+
+
+def onnx_parity(proto, module, args: tuple, kwargs: dict) -> float:
+    """Run onnxruntime and PyTorch (module in eval mode) on one set of inputs; the max relative error."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, onnx_feed(session, module, args, kwargs))
+    with torch.no_grad():
+        ref = module(*args, **kwargs)
+    leaves = tensor_leaves(ref)
+    if len(leaves) == len(got):
+        return max(rel_err(torch.from_numpy(g), r) for g, r in zip(got, leaves))
+    return rel_err(torch.from_numpy(got[0]), main_output(ref))
+
+
+def _write_json(path: str, data: dict, ui: UI) -> None:
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    if ui.err.is_terminal:
+        ui.err.print(f"wrote {p}", markup=False, highlight=False)
+
+
+def _json_default(obj):
+    if isinstance(obj, float) and math.isinf(obj):
+        return "inf"
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def _jsonable_float(x: float):
+    return None if math.isnan(x) else ("inf" if math.isinf(x) else x)
+
+
+def _summary(report) -> str:
+    chains = len(report.chains)
+    return (f"{report.model}: {chains} chain{'s' if chains != 1 else ''}, {report.num_sites} sites, "
+            f"{len(report.parameters)} new parameters, preserve={report.preserve!r}")
+
+
+# -- commands --------------------------------------------------------------------------------------------
+
+def cmd_inspect(args, ui: UI) -> int:
+    from .errors import NoEligibleChainError
+
+    target = load_target(args, ui)
+    try:
+        converted = convert_target(target, args, ui, args.preserve)
+    except NoEligibleChainError as exc:
+        if exc.report is not None:
+            ui.print_report(exc.report)
+        if args.json:
+            data = {"status": "no_eligible_chain", "target": target.spec, "message": str(exc)}
+            if exc.report is not None:
+                data.update(exc.report.to_dict())
+            _write_json(args.json, data, ui)
+        raise
+    report = converted.attnres_report
+    ui.print_report(report)
+    if args.json:
+        _write_json(args.json, {"status": "ok", "target": target.spec, **report.to_dict()}, ui)
+    return EXIT_OK
+
+
+def cmd_convert(args, ui: UI) -> int:
+    import torch
+
+    from . import load_attnres_state_dict, save_attnres
+
+    target = load_target(args, ui)
+    converted = convert_target(target, args, ui, args.preserve).eval()
+    out = Path(args.output)
+    weights = out.with_suffix(".attnres.safetensors")
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = dynamic_shapes_for(converted, target.args, target.kwargs) if args.dynamic else None
+    with ui.step("exporting the converted program (torch.export)"):
+        try:
+            program = torch.export.export(converted, target.args, kwargs=target.kwargs, strict=False,
+                                          dynamic_shapes=dynamic)
+        except Exception as exc:
+            raise Failed(f"torch.export of the converted model failed: {type(exc).__name__}: "
+                         f"{_first_line(exc)}") from exc
+        torch.export.save(program, out)
+        save_attnres(converted, weights)
+    with ui.step("verifying the saved files"):
+        loaded = torch.export.load(out).module()
+        runs = [("example inputs", target.args, target.kwargs)]
+        if dynamic:
+            r_args, r_kwargs = resized_inputs(target.args, target.kwargs, dynamic, converted)
+            runs.append(("resized inputs " + _shapes_text(r_args, r_kwargs), r_args, r_kwargs))
+        results = [(label, _program_err(loaded, converted, a, k)) for label, a, k in runs]
+        load_attnres_state_dict(converted, weights)  # layout and names fit the converted model
+    ui.print(f"converted {_summary(converted.attnres_report)}")
+    ui.print(f"program: {out}" + (f" (dynamic {_dyn_text(dynamic)})" if dynamic else ""))
+    ui.print(f"attnres weights: {weights} ({len(converted.attnres_report.parameters)} tensors)")
+    ok = True
+    for label, err in results:
+        passed = err <= args.max_rel_err
+        ok &= passed
+        ui.print(f"{'PASS' if passed else 'FAIL'}  torch.export.load(program) vs converted module on {label}: "
+                 f"max rel err {_fmt(err)} (limit {args.max_rel_err:g})", style=None if passed else "red")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _program_err(loaded, converted, args: tuple, kwargs: dict) -> float:
+    import torch
+
+    with torch.no_grad():
+        ref = converted(*args, **kwargs)
+        got = loaded(*args, **kwargs)
+    ref_l, got_l = tensor_leaves(ref), tensor_leaves(got)
+    if len(ref_l) == len(got_l):
+        return max(rel_err(g, r) for g, r in zip(got_l, ref_l))
+    return rel_err(main_output(got), main_output(ref))
+
+
+def cmd_export(args, ui: UI) -> int:
+    from .lowering.onnx_export import count_depth_attention_nodes, export_onnx
+
+    target = load_target(args, ui)
+    converted = convert_target(target, args, ui, args.preserve).eval()
+    out = Path(args.output)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = dynamic_shapes_for(converted, target.args, target.kwargs) if args.dynamic else None
+    with ui.step("exporting to ONNX"):
+        try:
+            proto = export_onnx(converted, target.args, out, kwargs=target.kwargs,
+                                dynamic_shapes=dynamic, inline=args.inline)
+        except Exception as exc:
+            raise Failed(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    nodes = count_depth_attention_nodes(proto)
+    ui.print(f"converted {_summary(converted.attnres_report)}")
+    ui.print(f"onnx: {out} ({'inlined, no DepthAttention nodes' if args.inline else f'{nodes} attnres::DepthAttention nodes'}"
+             f"{', dynamic ' + _dyn_text(dynamic) if dynamic else ''})")
+    ok = True
+    with ui.step("running onnxruntime"):
+        runs = [("example inputs", target.args, target.kwargs)]
+        if dynamic:
+            r_args, r_kwargs = resized_inputs(target.args, target.kwargs, dynamic, converted)
+            runs.append(("resized inputs " + _shapes_text(r_args, r_kwargs), r_args, r_kwargs))
+        results = [(label, onnx_parity(proto, converted, a, k)) for label, a, k in runs]
+    for label, err in results:
+        passed = err <= args.max_rel_err
+        ok &= passed
+        ui.print(f"{'PASS' if passed else 'FAIL'}  onnxruntime vs PyTorch on {label}: max rel err {_fmt(err)} "
+                 f"(limit {args.max_rel_err:g})", style=None if passed else "red")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _dyn_text(dynamic: dict) -> str:
+    parts = []
+    for name, spec in dynamic.items():
+        if isinstance(spec, dict) and spec and all(isinstance(k, int) for k in spec):
+            parts.append(f"{name}[" + ", ".join(f"{a}:{d.__name__}" for a, d in sorted(spec.items())) + "]")
+    return " ".join(parts)
+
+
+def _shapes_text(args: tuple, kwargs: dict) -> str:
+    return ", ".join("x".join(str(s) for s in t.shape) for t in tensor_leaves((args, kwargs)))
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    value: object
+    limit: object
+    detail: str
+
+
+def _check_sites(report, expect) -> Check:
+    n = report.num_sites
+    return Check("sites", n == expect, n, expect, f"{n} (expected {expect})")
+
+
+def _check_equivalence(target: Target, converted, limit: float, preserve: str) -> Check:
+    import torch
+
+    model = target.model
+    was = model.training
+    model.eval()
+    converted.eval()
+    try:
+        with torch.no_grad():
+            ref = main_output(model(*target.args, **target.kwargs))
+            out = main_output(converted(*target.args, **target.kwargs))
+    finally:
+        model.train(was)
+    err = rel_err(out, ref)
+    return Check("step-0 equivalence", err <= limit, _jsonable_float(err), limit,
+                 f"max rel err {_fmt(err)} (limit {limit:g}), eval mode, preserve={preserve!r}")
+
+
+def _check_gradients(target: Target, converted) -> Check:
+    import torch
+
+    from . import attnres_parameters
+
+    params = attnres_parameters(converted)
+    if not params:
+        return Check("gradient flow", True, 0, None, "no new parameters (every site is the identity)")
+    converted.train()
+    converted.zero_grad(set_to_none=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = main_output(converted(*target.args, **target.kwargs))
+        # A fixed random projection of the output: a plain sum can have an identically zero
+        # gradient (e.g. outputs that are softmax probabilities), a random one does not.
+        weight = torch.randn(out.shape, dtype=torch.float32).to(out.device)
+    (out.float() * weight).sum().backward()
+    queries = {n: p for n, p in params.items() if n.endswith(".query")}
+    gains = {n: p for n, p in params.items() if not n.endswith(".query")}
+    bad_q, sizes = [], []
+    for n, p in queries.items():
+        g = p.grad
+        if g is None or not torch.isfinite(g).all() or g.abs().max().item() == 0:
+            bad_q.append(f"{n} ({'no grad' if g is None else 'not finite' if not torch.isfinite(g).all() else 'zero'})")
+        else:
+            sizes.append(g.abs().max().item())
+    bad_g = [f"{n} ({'no grad' if p.grad is None else 'not finite'})" for n, p in gains.items()
+             if p.grad is None or not torch.isfinite(p.grad).all()]
+    converted.zero_grad(set_to_none=True)
+    converted.eval()
+    ok = not bad_q and not bad_g
+    detail = (f"{len(queries) - len(bad_q)}/{len(queries)} queries finite and non-zero"
+              + (f" (smallest max|grad| {_fmt(min(sizes))})" if sizes else "")
+              + f"; {len(gains) - len(bad_g)}/{len(gains)} norm_weight grads present")
+    if not ok:
+        bad = bad_q + bad_g
+        detail += "; failing: " + ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    return Check("gradient flow", ok, len(queries) - len(bad_q), len(queries), detail)
+
+
+def _check_onnx(target: Target, converted, limit: float) -> Check:
+    import tempfile
+
+    import torch
+
+    from . import attnres_parameters
+    from .lowering.onnx_export import count_depth_attention_nodes, export_onnx
+
+    converted.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # non-zero queries, so the parity covers the depth softmax
+        for name, p in attnres_parameters(converted).items():
+            p.add_(0.3 * torch.randn(p.shape, dtype=torch.float32).to(p.dtype))
+    expected_nodes = sum(1 for c in converted.attnres_report.chains for s in c.sites if s.num_sources > 1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            proto = export_onnx(converted, target.args, Path(tmp) / "model.onnx", kwargs=target.kwargs)
+    except Exception as exc:
+        return Check("onnx parity", False, None, limit,
+                     f"export failed: {type(exc).__name__}: {_first_line(exc)}")
+    nodes = count_depth_attention_nodes(proto)
+    try:
+        err = onnx_parity(proto, converted, target.args, target.kwargs)
+    except Exception as exc:
+        return Check("onnx parity", False, None, limit,
+                     f"onnxruntime failed: {type(exc).__name__}: {_first_line(exc)}")
+    ok = err <= limit and nodes == expected_nodes
+    detail = (f"max rel err {_fmt(err)} (limit {limit:g}), {nodes} DepthAttention nodes"
+              + (f" (expected {expected_nodes})" if nodes != expected_nodes else "")
+              + ", random queries")
+    return Check("onnx parity", ok, _jsonable_float(err), limit, detail)
+
+
+def cmd_check(args, ui: UI) -> int:
+    target = load_target(args, ui)
+    converted = convert_target(target, args, ui, args.preserve)
+    report = converted.attnres_report
+    ui.print(f"attnres check of {target.spec}: {_summary(report)}")
+    checks: list[Check] = []
+
+    def show(c: Check):
+        checks.append(c)
+        ui.out.print(f"[{'green' if c.passed else 'red'}]{'PASS' if c.passed else 'FAIL'}[/]  "
+                     f"{c.name:<20} ", end="", highlight=False)
+        ui.out.print(c.detail, markup=False, highlight=False)
+
+    if args.expect_sites is not None:
+        show(_check_sites(report, args.expect_sites))
+    steps = [("step-0 equivalence", lambda: _check_equivalence(target, converted, args.max_rel_err, args.preserve)),
+             ("gradient flow", lambda: _check_gradients(target, converted))]
+    if args.onnx:
+        steps.append(("onnx parity", lambda: _check_onnx(target, converted, args.onnx_max_rel_err)))
+    for name, run in steps:
+        with ui.step(name):
+            try:
+                result = run()
+            except Exception as exc:  # a model that fails to run is a failed check, not a crash
+                if ui.debug:
+                    import traceback
+
+                    traceback.print_exc()
+                result = Check(name, False, None, None, f"raised {type(exc).__name__}: {_first_line(exc)}")
+        show(result)
+    passed = sum(c.passed for c in checks)
+    ok = passed == len(checks)
+    ui.out.print(f"[{'green' if ok else 'red'}]{'check passed' if ok else 'check FAILED'}[/]: "
+                 f"{passed}/{len(checks)} checks pass", highlight=False)
+    if args.json:
+        _write_json(args.json, {
+            "status": "pass" if ok else "fail",
+            "target": args.model,
+            "checks": [c.__dict__ for c in checks],
+            "report": report.to_dict(),
+        }, ui)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+# -- entry point ------------------------------------------------------------------------------------------
+
+def _quiet_libraries() -> None:
+    """Library warnings (torch.export, the ONNX exporter) are noise on a CI log; --debug keeps them."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["-h"], ["--help"]):
-        sys.stdout.write(USAGE)
-        return 0
-    sys.stderr.write(USAGE)
-    return 2
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # bare `attnres`: the usage, as a bad-arguments exit
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, argument errors
+        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_BAD_INPUT)
+    debug = bool(getattr(args, "debug", False))
+    if not debug:
+        _quiet_libraries()
+    ui = UI(debug)
+    try:
+        return args.func(args, ui)
+    except KeyboardInterrupt:
+        ui.err.print("attnres: interrupted", markup=False)
+        return 130
+    except Exception as exc:  # every failure is one line; --debug shows where it came from
+        from .errors import AttnResError
+
+        if isinstance(exc, (BadInput, AttnResError)):
+            code, kind = EXIT_BAD_INPUT, "error"
+        elif isinstance(exc, Failed):
+            code, kind = EXIT_FAILED, "failed"
+        else:
+            code, kind = EXIT_FAILED, f"failed: {type(exc).__name__}"
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        hint = "" if debug or code == EXIT_BAD_INPUT else " (run with --debug for the traceback)"
+        sys.stderr.write(f"attnres {args.command}: {kind}: {_one_line(str(exc))}{hint}\n")
+        return code
 
 
 if __name__ == "__main__":
