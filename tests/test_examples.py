@@ -1,4 +1,4 @@
-"""The example model, the stdlib corpus, the quick-start demo and the CLI placeholder."""
+"""The example model, the stdlib corpus, the quick-start demo and the CLI entry point."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_demo_quick_trains_both_models():
     assert out["report"]["chains"]
 
 
-def test_cli_placeholder_prints_usage_and_exits_2(capsys):
+def test_cli_without_command_prints_usage_and_exits_2(capsys):
     from attnres_compile.cli import main
 
     assert main([]) == 2
