@@ -193,17 +193,28 @@ def _report(name, analysis, chains, plans, refused, preserve, num_blocks, block_
 
 def _no_chain_message(name, analysis, refused, preserve) -> str:
     reasons = Counter()
+    example = {}
     for c, r in [*analysis.refused_chains, *refused]:
-        reasons[r.split(":")[0] if r.startswith("PostNorm") else r] += 1
+        key = r.split(":")[0] if r.startswith("PostNorm") else r
+        reasons[key] += 1
+        example.setdefault(key, r)
     if not reasons:
-        residual_like = [la for la in analysis.left_alone]
-        if not residual_like:
+        left = analysis.left_alone
+        if not left:
             why = "the graph has no add operations at all (no residual connections)"
         else:
-            why = (f"none of its {len(residual_like)} add(s) is a residual add of a stream "
-                   f"(e.g. {residual_like[0].node.name}: {residual_like[0].reason})")
+            why = (f"none of its {len(left)} add(s) is a residual add of a stream "
+                   f"(e.g. {left[0].node.name}: {left[0].reason})")
     else:
-        why = "; ".join(f"{n} x {r}" if n > 1 else r for r, n in reasons.most_common(3))
+        parts = []
+        for key, n in reasons.most_common(3):
+            if key == "PostNorm block":
+                parts.append(f"{n} PostNorm residual add(s): each add's output goes through a norm before "
+                             f"the next residual add, so there is no stream to attend over "
+                             f"(e.g. {example[key].split(': ', 1)[1]})")
+            else:
+                parts.append(f"{n} x {key}" if n > 1 else key)
+        why = "; ".join(parts)
     msg = f"no residual stream of {name} is eligible for AttnRes: {why}"
     if preserve != "exact" and any("not PreNorm" in r for _, r in refused):
         msg += " (preserve='exact' converts additive chains that are not PreNorm)"
