@@ -8,6 +8,7 @@ Non-strict export is the capture that works on Hugging Face models today (SPEC s
 from __future__ import annotations
 
 import copy
+import inspect
 import traceback
 from dataclasses import dataclass
 
@@ -65,6 +66,39 @@ def _auto_dims(model, args: tuple, kwargs: dict):
         )
 
 
+def _name_var_keywords(model, kwargs: dict) -> None:
+    """Give keyword arguments that land in `forward(**kwargs)` a named parameter each.
+
+    torch.export (2.13) builds the dynamic-shapes tree of a `**kwargs` forward in two
+    incompatible layouts (`_check_dynamic_shapes` wants the bound `kwargs` dict,
+    `_get_range_constraints` the flat keyword names), so e.g. Hugging Face's
+    `output_hidden_states=True` cannot be exported with any `dynamic_shapes`. On our private
+    copy we install a forward whose signature names those keywords explicitly; it calls the
+    model's own forward unchanged.
+    """
+    forward = model.forward
+    forward = getattr(forward, "_attnres_wrapped", forward)
+    try:
+        sig = inspect.signature(forward)
+    except (TypeError, ValueError):
+        return
+    params = list(sig.parameters.values())
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    extra = [k for k in kwargs if k not in sig.parameters]
+    if not extra:
+        return
+    named = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    named += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra]
+
+    def named_forward(*args, **kw):
+        return forward(*args, **kw)
+
+    named_forward.__signature__ = inspect.Signature(named)
+    named_forward._attnres_wrapped = forward
+    model.forward = named_forward
+
+
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch and this package: where the model failed."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -100,6 +134,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool
     if copy_model:
         model = copy.deepcopy(model)
     model.train(training)
+    if dynamic:
+        _name_var_keywords(model, kwargs)
     dynamic_shapes = _auto_dims(model, args, kwargs) if dynamic else None
     try:
         ep = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
