@@ -73,7 +73,7 @@ _CFLAGS = [
     "-fno-trapping-math",
     "-pthread",
 ]
-CPU_CODEGEN_VERSION = "4"
+CPU_CODEGEN_VERSION = "6"
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,10 @@ _PRELUDE = r"""
 
 #define M {m}
 #define TOKEN_CHUNK {token_chunk}
+#define VL 16
+#define RB 256
+typedef float vf __attribute__((vector_size(VL * 4)));
+static inline vf VLDF(const float* p) {{ vf r; memcpy(&r, p, sizeof r); return r; }}
 {dtype_block}
 
 typedef void (*work_fn)(void* ctx, int64_t begin, int64_t end);
@@ -124,24 +128,53 @@ static void parallel_for(int nthreads, int64_t n, work_fn fn, void* ctx) {{
 }}
 
 /* |v|^2 and u.v of one row */
-/* Reductions run in blocks of RB columns (vector lanes inside a block, blocks summed after), so
-   their rounding error grows like RB/lanes + D/RB rather than D/lanes. */
-#define RB 256
-static inline void row_stats(const IN* v, const float* u, int64_t D, float* ss_out, float* dot_out) {{
-    float ss = 0.f, dot = 0.f;
-    for (int64_t b0 = 0; b0 < D; b0 += RB) {{
-        const int64_t n = D - b0 < RB ? D - b0 : RB;
-        float ssb = 0.f, dotb = 0.f;
-        #pragma omp simd reduction(+:ssb,dotb)
-        for (int64_t d = b0; d < b0 + n; d++) {{ float x = LD(v[d]); ssb += x * x; dotb += x * u[d]; }}
-        ss += ssb; dot += dotb;
+/* Reductions use GCC vector extensions (VL float lanes, AVX-512 with -march=native where the CPU
+   has it): vector accumulators per block of RB columns, blocks added lane-wise, the lanes summed
+   as a tree at the end, so rounding error grows like RB/VL + D/RB + log2(VL), not like D. */
+static inline float hsum(vf x) {{
+    float a[VL]; memcpy(a, &x, sizeof a);
+    for (int w = VL / 2; w > 0; w /= 2) for (int i = 0; i < w; i++) a[i] += a[i + w];
+    return a[0];
+}}
+
+/* *ss_out = sum_d v^2 and, when u is given, *dot_out = sum_d v*u */
+static inline void row_sums2(const IN* v, const float* u, int64_t D, float* ss_out, float* dot_out) {{
+    vf tss = {{0}}, tdot = {{0}};
+    int64_t d = 0;
+    while (d + VL <= D) {{
+        const int64_t end = d + RB < D ? d + RB : D;
+        vf bss = {{0}}, bdot = {{0}};
+        if (u) {{ for (; d + VL <= end; d += VL) {{ vf x = VLD(v + d); bss += x * x; bdot += x * VLDF(u + d); }} }}
+        else {{ for (; d + VL <= end; d += VL) {{ vf x = VLD(v + d); bss += x * x; }} }}
+        tss += bss; tdot += bdot;
     }}
-    *ss_out = ss; *dot_out = dot;
+    float ss = hsum(tss), dot = hsum(tdot);
+    for (; d < D; d++) {{ float x = LD(v[d]); ss += x * x; if (u) dot += x * u[d]; }}
+    *ss_out = ss;
+    if (dot_out) *dot_out = dot;
+}}
+
+/* sum_d v^2, sum_d v*u, sum_d v*w */
+static inline void row_sums3(const IN* v, const float* u, const float* w, int64_t D, float* o1, float* o2, float* o3) {{
+    vf t1 = {{0}}, t2 = {{0}}, t3 = {{0}};
+    int64_t d = 0;
+    while (d + VL <= D) {{
+        const int64_t end = d + RB < D ? d + RB : D;
+        vf b1 = {{0}}, b2 = {{0}}, b3 = {{0}};
+        for (; d + VL <= end; d += VL) {{ vf x = VLD(v + d); b1 += x * x; b2 += x * VLDF(u + d); b3 += x * VLDF(w + d); }}
+        t1 += b1; t2 += b2; t3 += b3;
+    }}
+    float s1 = hsum(t1), s2 = hsum(t2), s3 = hsum(t3);
+    for (; d < D; d++) {{ float x = LD(v[d]); s1 += x * x; s2 += x * u[d]; s3 += x * w[d]; }}
+    *o1 = s1; *o2 = s2; *o3 = s3;
 }}
 """
 
 _DTYPE_BLOCKS = {
-    "fp32": "typedef float IN;\nstatic inline float LD(IN x) { return x; }\nstatic inline IN ST(float f) { return f; }",
+    "fp32": """typedef float IN;
+static inline float LD(IN x) { return x; }
+static inline IN ST(float f) { return f; }
+#define VLD(p) VLDF(p)""",
     "bf16": r"""typedef uint16_t IN;
 static inline float LD(IN x) { uint32_t b = (uint32_t)x << 16; float f; memcpy(&f, &b, 4); return f; }
 static inline IN ST(float f) {
@@ -149,8 +182,19 @@ static inline IN ST(float f) {
     if ((b & 0x7fffffffu) > 0x7f800000u) return (IN)((b >> 16) | 0x40u); /* quiet NaN */
     b += 0x7fffu + ((b >> 16) & 1u);                                  /* round to nearest even */
     return (IN)(b >> 16);
+}
+typedef uint16_t vu16 __attribute__((vector_size(VL * 2)));
+typedef uint32_t vu32 __attribute__((vector_size(VL * 4)));
+static inline vf VLD(const IN* p) {
+    vu16 h; memcpy(&h, p, sizeof h);
+    vu32 w = __builtin_convertvector(h, vu32) << 16;
+    vf r; memcpy(&r, &w, sizeof r); return r;
 }""",
-    "fp16": "typedef _Float16 IN;\nstatic inline float LD(IN x) { return (float)x; }\nstatic inline IN ST(float f) { return (IN)f; }",
+    "fp16": """typedef _Float16 IN;
+static inline float LD(IN x) { return (float)x; }
+static inline IN ST(float f) { return (IN)f; }
+typedef _Float16 vh __attribute__((vector_size(VL * 2)));
+static inline vf VLD(const IN* p) { vh h; memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vf); }""",
 }
 
 _FWD = r"""
@@ -166,7 +210,7 @@ static void fwd_work(void* p, int64_t t0, int64_t t1) {
         float mx = -INFINITY;
         for (int j = 0; j < M; j++) {
             float ss, dot;
-            row_stats(c->src[j] + t * c->rs[j], c->u, D, &ss, &dot);
+            row_sums2(c->src[j] + t * c->rs[j], c->u, D, &ss, &dot);
             w[j] = dot / sqrtf(ss / (float)D + c->eps);
             mx = w[j] > mx ? w[j] : mx;
         }
@@ -221,14 +265,8 @@ static void bwd_work(void* p, int64_t k0, int64_t k1) {
             float mx = -INFINITY; int win = 0;
             for (int j = 0; j < M; j++) {
                 const IN* v = c->src[j] + t * c->rs[j];
-                float ss = 0.f, dot = 0.f, dg = 0.f;
-                for (int64_t b0 = 0; b0 < D; b0 += RB) {
-                    const int64_t n = D - b0 < RB ? D - b0 : RB;
-                    float ssb = 0.f, dotb = 0.f, dgb = 0.f;
-                    #pragma omp simd reduction(+:ssb,dotb,dgb)
-                    for (int64_t d = b0; d < b0 + n; d++) { float x = LD(v[d]); ssb += x * x; dotb += x * c->u[d]; dgb += x * G[d]; }
-                    ss += ssb; dot += dotb; dg += dgb;
-                }
+                float ss, dot, dg;
+                row_sums3(v, c->u, G, D, &ss, &dot, &dg);
                 ir[j] = 1.0f / sqrtf(ss * invD + c->eps);
                 s[j] = dot * ir[j];
                 da[j] = dg;
@@ -239,18 +277,26 @@ static void bwd_work(void* p, int64_t k0, int64_t k1) {
             const float rz = 1.0f / z, daw = da[win];
             float delta = 0.f;
             for (int j = 0; j < M; j++) { a[j] *= rz; da[j] -= daw; delta += a[j] * da[j]; }
+            /* pass 2: one sweep over d; the M rows (now in L1/L2) and the M gradient rows are
+               unrolled streams, du[d] is updated once per token */
+            float cu[M], cv[M]; const IN* vp[M]; IN* op[M];
             for (int j = 0; j < M; j++) {
-                const float aj = a[j];
-                const float cu = aj * (da[j] - delta) * ir[j];
-                const float cv = cu * s[j] * ir[j] * invD;
-                const IN* v = c->src[j] + t * c->rs[j];
-                IN* out = c->dst[j] + t * D;
-                #pragma omp simd
-                for (int64_t d = 0; d < D; d++) {
-                    const float x = LD(v[d]);
-                    out[d] = ST(aj * G[d] + cu * c->u[d] - cv * x);
-                    du[d] += cu * x;
+                cu[j] = a[j] * (da[j] - delta) * ir[j];
+                cv[j] = cu[j] * s[j] * ir[j] * invD;
+                vp[j] = c->src[j] + t * c->rs[j];
+                op[j] = c->dst[j] + t * D;
+            }
+            const float* u = c->u;
+            #pragma omp simd
+            for (int64_t d = 0; d < D; d++) {
+                const float gd = G[d], ud = u[d];
+                float acc = du[d];
+                for (int j = 0; j < M; j++) {
+                    const float x = LD(vp[j][d]);
+                    op[j][d] = ST(a[j] * gd + cu[j] * ud - cv[j] * x);
+                    acc += cu[j] * x;
                 }
+                du[d] = acc;
             }
         }
     }
@@ -288,14 +334,8 @@ static void p1_work(void* p, int64_t t0, int64_t t1) {
         for (int j = 0; j < M; j++) vp[j] = c->blk[j] + t * c->rs[j];
         for (int j = 0; j < M; j++) {
             const IN* v = vp[j];
-            float ss = 0.f;
-            for (int64_t b0 = 0; b0 < D; b0 += RB) {
-                const int64_t n = D - b0 < RB ? D - b0 : RB;
-                float ssb = 0.f;
-                #pragma omp simd reduction(+:ssb)
-                for (int64_t d = b0; d < b0 + n; d++) { float x = LD(v[d]); ssb += x * x; }
-                ss += ssb;
-            }
+            float ss;
+            row_sums2(v, NULL, D, &ss, NULL);
             ir[j] = 1.0f / sqrtf(ss * invD + c->eps);
         }
         for (int64_t l = 0; l < S; l++) {
@@ -303,14 +343,8 @@ static void p1_work(void* p, int64_t t0, int64_t t1) {
             float mx = -INFINITY;
             for (int j = 0; j < M; j++) {
                 const IN* v = c->blk[j] + t * c->rs[j];
-                float dot = 0.f;
-                for (int64_t b0 = 0; b0 < D; b0 += RB) {
-                    const int64_t n = D - b0 < RB ? D - b0 : RB;
-                    float dotb = 0.f;
-                    #pragma omp simd reduction(+:dotb)
-                    for (int64_t d = b0; d < b0 + n; d++) dotb += LD(v[d]) * u[d];
-                    dot += dotb;
-                }
+                float ss_unused, dot;
+                row_sums2(v, u, D, &ss_unused, &dot);
                 e[j] = dot * ir[j];
                 mx = e[j] > mx ? e[j] : mx;
             }
@@ -351,7 +385,7 @@ static void p2_work(void* p, int64_t t0, int64_t t1) {
         const IN* pr = c->p ? c->p + t * c->prs : NULL;
         if (pr) {
             float ss, dot;
-            row_stats(pr, c->u, D, &ss, &dot);
+            row_sums2(pr, c->u, D, &ss, &dot);
             const float sp = dot / sqrtf(ss / (float)D + c->eps);
             const float m1 = c->m[t], mx = sp > m1 ? sp : m1;
             const float a = expf(m1 - mx), b = expf(sp - mx);

@@ -1,0 +1,439 @@
+"""Depth-attention kernel bandwidth: achieved bytes/s over the machine's copy bandwidth.
+
+Bytes are the SPEC.md section 4 floor, per token and site with M sources of D elements:
+
+    forward   reads M*D, writes D           backward  reads M*D + D, writes M*D
+    phase 1   reads N*D, writes S*D (+ 8 B per site and token: m, z)
+    phase 2   reads 2*D (o, partial), writes D (+ 8 B per token)
+
+Rows (each with its own copy baseline of the same number of bytes, timed interleaved with
+it, so a busy machine moves both):
+
+* ``op``: the eager op as a user calls it (``torch.ops.attnres.*``), which allocates its
+  outputs; baseline ``clone()`` (also allocates).
+* ``kernel``: the same kernel writing into preallocated outputs; baseline ``copy_()`` into a
+  preallocated tensor.
+* CPU: the compiled C path (``lowering/cpu_kernels.py``), the plain PyTorch implementation of
+  the op, and the naive stacked reference (``ops/reference.py``); with ``--inductor`` also
+  ``torch.compile`` of the reference formula.
+* CUDA: the generated Triton kernels through the ops, and fla's fused ``fused_attnres`` on the
+  same inputs when fla is importable. Without a GPU these rows are recorded as
+  "unmeasured (no GPU)", never estimated.
+
+Writes ``benchmarks/results/kernels_<device>.json`` and prints a table.
+
+    python benchmarks/bench_kernels.py            # CPU rows always; CUDA rows when a GPU exists
+    python benchmarks/bench_kernels.py --quick    # small shapes only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attnres_compile.lowering import cpu_kernels  # noqa: E402
+from attnres_compile.ops import depth_attention_reference  # noqa: E402
+from attnres_compile.ops import depth_attention as depth_attention_mod  # noqa: E402, F401
+from attnres_compile.ops.depth_attention import (  # noqa: E402
+    _depth_attention_backward_impl,
+    _depth_attention_forward_impl,
+)
+from attnres_compile.ops.two_phase import _phase1_impl, _phase2_impl  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (label, D, M sources, tokens on CUDA, tokens on CPU, dtype)
+TRAIN_SHAPES = [
+    ("kimi-block", 7168, 9, 4096, 1024, torch.bfloat16),
+    ("kimi-block-33", 7168, 33, 4096, 256, torch.bfloat16),
+    ("d4096-m17", 4096, 17, 4096, 512, torch.bfloat16),
+    ("d2048-m9", 2048, 9, 4096, 2048, torch.bfloat16),
+    ("small-fp32", 768, 5, 4096, 4096, torch.float32),
+    ("tiny-fp32", 128, 3, 4096, 4096, torch.float32),
+]
+QUICK = {"d2048-m9", "small-fp32", "tiny-fp32"}
+# (label, D, N completed blocks, S sites, tokens CUDA, tokens CPU, dtype)
+TWO_PHASE_SHAPES = [
+    ("kimi-n8-s16", 7168, 8, 16, 4096, 256, torch.bfloat16),
+    ("d2048-n4-s8", 2048, 4, 8, 4096, 1024, torch.bfloat16),
+]
+
+
+@dataclass
+class Row:
+    device: str
+    kernel: str
+    shape: str
+    dtype: str
+    impl: str
+    floor_bytes: int
+    status: str = "measured"
+    seconds: float | None = None
+    gbps: float | None = None
+    copy_gbps: float | None = None
+    ratio_to_copy: float | None = None
+    baseline: str = ""
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_once(fn, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def paired(fn, baseline, device: str, reps: int) -> tuple[float, float, float]:
+    """Median kernel time, median baseline time, median of per-pair time ratios (interleaved)."""
+    fn()
+    baseline()
+    _sync(device)
+    ts, bs, ratios = [], [], []
+    for _ in range(reps):
+        b = _time_once(baseline, device)
+        t = _time_once(fn, device)
+        ts.append(t)
+        bs.append(b)
+        ratios.append(b / t)
+    return statistics.median(ts), statistics.median(bs), statistics.median(ratios)
+
+
+def copy_bandwidth(device: str, nbytes: int = 256 << 20, reps: int = 7) -> dict:
+    x = torch.ones(nbytes // 4, device=device)
+    y = torch.empty_like(x)
+    clone = statistics.median(_time_once(lambda: x.clone(), device) for _ in range(reps))
+    copy = statistics.median(_time_once(lambda: y.copy_(x), device) for _ in range(reps))
+    return {
+        "bytes_moved": 2 * nbytes,
+        "clone_gbps": 2 * nbytes / clone / 1e9,
+        "copy_into_preallocated_gbps": 2 * nbytes / copy / 1e9,
+    }
+
+
+def _baselines(nbytes: int, device: str):
+    src = torch.ones(max(1, nbytes // 2 // 4), device=device)
+    dst = torch.empty_like(src)
+    return (lambda: src.clone()), (lambda: dst.copy_(src))
+
+
+def _row(device, kernel, shape, dtype, impl, floor, fn, baseline, baseline_name, reps, note="") -> Row:
+    t, b, ratio = paired(fn, baseline, device, reps)
+    return Row(
+        device=device, kernel=kernel, shape=shape, dtype=str(dtype).replace("torch.", ""), impl=impl,
+        floor_bytes=floor, seconds=t, gbps=floor / t / 1e9, copy_gbps=floor / b / 1e9,
+        ratio_to_copy=ratio, baseline=baseline_name, note=note,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def train_inputs(d, m, t, dtype, device):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    sources = [torch.randn(t, d, generator=gen).to(device=device, dtype=dtype) for _ in range(m)]
+    query = (0.02 * torch.randn(d, generator=gen)).to(device=device, dtype=dtype)
+    gain = torch.ones(d, device=device, dtype=dtype)
+    grad = torch.randn(t, d, generator=gen).to(device=device, dtype=dtype)
+    return sources, query, gain, grad
+
+
+def floors(d, m, t, e):
+    return {"fwd": (m + 1) * t * d * e, "bwd": (2 * m + 1) * t * d * e}
+
+
+# --------------------------------------------------------------------------------------------
+# CPU
+# --------------------------------------------------------------------------------------------
+
+
+def bench_cpu(quick: bool, reps: int, inductor: bool) -> list[Row]:
+    rows: list[Row] = []
+    dev = "cpu"
+    fast = cpu_kernels.available()
+    for label, d, m, _, t, dtype in TRAIN_SHAPES:
+        if quick and label not in QUICK:
+            continue
+        sources, query, gain, grad = train_inputs(d, m, t, dtype, dev)
+        e = sources[0].element_size()
+        fl = floors(d, m, t, e)
+        shape = f"{label} D={d} M={m} T={t}"
+        clone_fwd, copy_fwd = _baselines(fl["fwd"], dev)
+        clone_bwd, copy_bwd = _baselines(fl["bwd"], dev)
+        eps = 1e-6
+        if fast:
+            out = torch.empty(t, d, dtype=dtype)
+            outs = [torch.empty(t, d, dtype=dtype) for _ in range(m)]
+            rows.append(_row(dev, "forward", shape, dtype, "op (compiled C, fresh output)", fl["fwd"],
+                             lambda: torch.ops.attnres.depth_attention(sources, query, gain, eps, 1.0),
+                             clone_fwd, "clone", reps))
+            rows.append(_row(dev, "forward", shape, dtype, "kernel (compiled C, preallocated)", fl["fwd"],
+                             lambda: cpu_kernels.forward(sources, query, gain, eps, 1.0, out=out),
+                             copy_fwd, "copy_", reps))
+            rows.append(_row(dev, "backward", shape, dtype, "op (compiled C, fresh outputs)", fl["bwd"],
+                             lambda: torch.ops.attnres.depth_attention_backward(grad, sources, query, gain, eps, 1.0),
+                             clone_bwd, "clone", reps))
+            rows.append(_row(dev, "backward", shape, dtype, "kernel (compiled C, preallocated)", fl["bwd"],
+                             lambda: cpu_kernels.backward(grad, sources, query, gain, eps, 1.0, out=outs),
+                             copy_bwd, "copy_", reps))
+        plain_reps = max(2, reps // 3)
+        rows.append(_row(dev, "forward", shape, dtype, "plain PyTorch op body", fl["fwd"],
+                         lambda: _depth_attention_forward_impl(sources, query, gain, eps, 1.0),
+                         clone_fwd, "clone", plain_reps))
+        rows.append(_row(dev, "backward", shape, dtype, "plain PyTorch op body", fl["bwd"],
+                         lambda: _depth_attention_backward_impl(grad, sources, query, gain, eps, 1.0),
+                         clone_bwd, "clone", plain_reps))
+        rows.append(_row(dev, "forward", shape, dtype, "naive stacked reference", fl["fwd"],
+                         lambda: depth_attention_reference(sources, query, gain, eps=eps),
+                         clone_fwd, "clone", plain_reps))
+        if inductor and label == "d2048-m9":
+            rows.extend(_bench_inductor(sources, query, gain, eps, shape, dtype, fl["fwd"], clone_fwd, plain_reps))
+        del sources, grad
+    for label, d, n, s, _, t, dtype in TWO_PHASE_SHAPES:
+        if quick and not label.startswith("d2048"):
+            continue
+        rows.extend(_bench_two_phase_cpu(label, d, n, s, t, dtype, reps, fast))
+    return rows
+
+
+def _bench_inductor(sources, query, gain, eps, shape, dtype, floor, baseline, reps) -> list[Row]:
+    try:
+        compiled = torch.compile(lambda *xs: depth_attention_reference(list(xs[:-2]), xs[-2], xs[-1], eps=eps),
+                                 dynamic=False)
+        t0 = time.perf_counter()
+        compiled(*sources, query, gain)
+        compile_s = time.perf_counter() - t0
+    except Exception as exc:  # pragma: no cover - depends on the toolchain
+        return [Row("cpu", "forward", shape, str(dtype).replace("torch.", ""), "torch.compile(reference)", floor,
+                    status=f"failed: {type(exc).__name__}: {exc}"[:200])]
+    row = _row("cpu", "forward", shape, dtype, "torch.compile(reference) (Inductor C++)", floor,
+               lambda: compiled(*sources, query, gain), baseline, "clone", reps)
+    row.extra["compile_seconds"] = compile_s
+    return [row]
+
+
+def _bench_two_phase_cpu(label, d, n, s, t, dtype, reps, fast) -> list[Row]:
+    rows = []
+    dev = "cpu"
+    gen = torch.Generator().manual_seed(1)
+    blocks = [torch.randn(t, d, generator=gen).to(dtype) for _ in range(n)]
+    queries = (0.02 * torch.randn(s, d, generator=gen)).to(dtype)
+    gains = torch.ones(s, d, dtype=dtype)
+    partial = torch.randn(t, d, generator=gen).to(dtype)
+    e = blocks[0].element_size()
+    p1_floor = n * t * d * e + s * t * d * e + 2 * s * t * 4
+    p2_floor = 3 * t * d * e + 2 * t * 4
+    shape1 = f"{label} D={d} N={n} S={s} T={t}"
+    clone1, _ = _baselines(p1_floor, dev)
+    clone2, _ = _baselines(p2_floor, dev)
+    o, m, z = _phase1_impl(blocks, queries, gains, 1e-6)
+    if fast:
+        rows.append(_row(dev, "phase1", shape1, dtype, "op (compiled C)", p1_floor,
+                         lambda: torch.ops.attnres.depth_attention_phase1(blocks, queries, gains, 1e-6), clone1, "clone",
+                         reps))
+        rows.append(_row(dev, "phase2", shape1, dtype, "op (compiled C)", p2_floor,
+                         lambda: torch.ops.attnres.depth_attention_phase2(o[1], m[1], z[1], partial, queries[1],
+                                                                          gains[1], 1e-6, 1.0),
+                         clone2, "clone", reps))
+    plain_reps = max(2, reps // 3)
+    rows.append(_row(dev, "phase1", shape1, dtype, "plain PyTorch op body", p1_floor,
+                     lambda: _phase1_impl(blocks, queries, gains, 1e-6), clone1, "clone", plain_reps))
+    rows.append(_row(dev, "phase2", shape1, dtype, "plain PyTorch op body", p2_floor,
+                     lambda: _phase2_impl(o[1], m[1], z[1], partial, queries[1], gains[1], 1e-6, 1.0),
+                     clone2, "clone", plain_reps))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA
+# --------------------------------------------------------------------------------------------
+
+
+def _fla():
+    try:
+        from fla.ops.attnres import fused_attnres
+
+        return fused_attnres
+    except Exception:
+        return None
+
+
+def bench_cuda(quick: bool, reps: int) -> list[Row]:
+    rows: list[Row] = []
+    dev = "cuda"
+    fused = _fla()
+    for label, d, m, t, _, dtype in TRAIN_SHAPES:
+        if quick and label not in QUICK:
+            continue
+        sources, query, gain, grad = train_inputs(d, m, t, dtype, dev)
+        e = sources[0].element_size()
+        fl = floors(d, m, t, e)
+        shape = f"{label} D={d} M={m} T={t}"
+        clone_fwd, _ = _baselines(fl["fwd"], dev)
+        clone_bwd, _ = _baselines(fl["bwd"], dev)
+        rows.append(_row(dev, "forward", shape, dtype, "generated Triton (op)", fl["fwd"],
+                         lambda: torch.ops.attnres.depth_attention(sources, query, gain, 1e-6, 1.0), clone_fwd, "clone",
+                         reps))
+        rows.append(_row(dev, "backward", shape, dtype, "generated Triton (op)", fl["bwd"],
+                         lambda: torch.ops.attnres.depth_attention_backward(grad, sources, query, gain, 1e-6, 1.0),
+                         clone_bwd, "clone", reps))
+        if fused is not None:
+            rows.append(_row(dev, "forward", shape, dtype, "fla fused_attnres", fl["fwd"],
+                             lambda: fused(query, sources, gain, rms_eps=1e-6), clone_fwd, "clone", reps))
+            leaves = [s.detach().requires_grad_() for s in sources]
+
+            def fla_fwd_bwd():
+                out = fused(query, leaves, gain, rms_eps=1e-6)
+                torch.autograd.grad(out, leaves, grad)
+
+            rows.append(_row(dev, "forward+backward", shape, dtype, "fla fused_attnres", fl["fwd"] + fl["bwd"],
+                             fla_fwd_bwd, clone_bwd, "clone", reps))
+        del sources, grad
+    for label, d, n, s, t, _, dtype in TWO_PHASE_SHAPES:
+        if quick and not label.startswith("d2048"):
+            continue
+        gen = torch.Generator().manual_seed(1)
+        blocks = [torch.randn(t, d, generator=gen).to(device=dev, dtype=dtype) for _ in range(n)]
+        queries = (0.02 * torch.randn(s, d, generator=gen)).to(device=dev, dtype=dtype)
+        gains = torch.ones(s, d, device=dev, dtype=dtype)
+        partial = torch.randn(t, d, generator=gen).to(device=dev, dtype=dtype)
+        e = blocks[0].element_size()
+        p1 = n * t * d * e + s * t * d * e + 2 * s * t * 4
+        p2 = 3 * t * d * e + 2 * t * 4
+        shape1 = f"{label} D={d} N={n} S={s} T={t}"
+        o, m, z = torch.ops.attnres.depth_attention_phase1(blocks, queries, gains, 1e-6)
+        rows.append(_row(dev, "phase1", shape1, dtype, "generated Triton (op)", p1,
+                         lambda: torch.ops.attnres.depth_attention_phase1(blocks, queries, gains, 1e-6),
+                         _baselines(p1, dev)[0], "clone", reps))
+        rows.append(_row(dev, "phase2", shape1, dtype, "generated Triton (op)", p2,
+                         lambda: torch.ops.attnres.depth_attention_phase2(o[1], m[1], z[1], partial, queries[1],
+                                                                          gains[1], 1e-6, 1.0),
+                         _baselines(p2, dev)[0], "clone", reps))
+    return rows
+
+
+def unmeasured_cuda_rows() -> list[Row]:
+    rows = []
+    for label, d, m, t, _, dtype in TRAIN_SHAPES:
+        shape = f"{label} D={d} M={m} T={t}"
+        e = torch.empty((), dtype=dtype).element_size()
+        fl = floors(d, m, t, e)
+        for kernel, impl in (("forward", "generated Triton (op)"), ("backward", "generated Triton (op)"),
+                             ("forward", "fla fused_attnres"), ("forward+backward", "fla fused_attnres")):
+            floor = {"forward": fl["fwd"], "backward": fl["bwd"], "forward+backward": fl["fwd"] + fl["bwd"]}[kernel]
+            rows.append(Row("cuda", kernel, shape, str(dtype).replace("torch.", ""), impl, floor,
+                            status="unmeasured (no GPU)"))
+    for label, d, n, s, t, _, dtype in TWO_PHASE_SHAPES:
+        e = torch.empty((), dtype=dtype).element_size()
+        shape1 = f"{label} D={d} N={n} S={s} T={t}"
+        rows.append(Row("cuda", "phase1", shape1, str(dtype).replace("torch.", ""), "generated Triton (op)",
+                        n * t * d * e + s * t * d * e + 2 * s * t * 4, status="unmeasured (no GPU)"))
+        rows.append(Row("cuda", "phase2", shape1, str(dtype).replace("torch.", ""), "generated Triton (op)",
+                        3 * t * d * e + 2 * t * 4, status="unmeasured (no GPU)"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[Row], copy: dict, title: str) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        for r in rows:
+            print(asdict(r))
+        return
+    table = Table(title=title)
+    for col in ("kernel", "shape", "dtype", "implementation", "floor MB", "GB/s", "copy GB/s", "% of copy"):
+        table.add_column(col, justify="right" if col in ("floor MB", "GB/s", "copy GB/s", "% of copy") else "left")
+    for r in rows:
+        if r.status != "measured":
+            table.add_row(r.kernel, r.shape, r.dtype, r.impl, f"{r.floor_bytes / 1e6:.0f}", r.status, "", "")
+            continue
+        pct = f"{100 * r.ratio_to_copy:.0f}% ({r.baseline})"
+        table.add_row(r.kernel, r.shape, r.dtype, r.impl, f"{r.floor_bytes / 1e6:.0f}", f"{r.gbps:.2f}",
+                      f"{r.copy_gbps:.2f}", pct)
+    Console().print(table)
+    Console().print(
+        f"machine copy bandwidth (256 MiB): clone {copy['clone_gbps']:.1f} GB/s, "
+        f"copy_ into preallocated {copy['copy_into_preallocated_gbps']:.1f} GB/s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes only")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions per row (median reported)")
+    ap.add_argument("--no-inductor", action="store_true", help="skip the torch.compile(reference) row")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    threads = torch.get_num_threads()
+    meta = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.uname().machine,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_fast_path_available": cpu_kernels.available(),
+        "note": "CPU rows use fewer tokens than the CUDA rows (see each row's T) to keep the CPU run short.",
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    print(f"[bench_kernels] CPU: {os.cpu_count()} cores, {threads} torch threads; fewer tokens on CPU than on CUDA")
+    cpu_copy = copy_bandwidth("cpu")
+    cpu_rows = bench_cpu(args.quick, args.reps, not args.no_inductor)
+    cpu_json = {"meta": meta, "device": "cpu", "copy_bandwidth": cpu_copy, "rows": [asdict(r) for r in cpu_rows]}
+    if torch.cuda.is_available():
+        cuda_copy = copy_bandwidth("cuda")
+        cuda_rows = bench_cuda(args.quick, args.reps)
+        cuda_json = {"meta": {**meta, "gpu": torch.cuda.get_device_name()}, "device": "cuda",
+                     "copy_bandwidth": cuda_copy, "rows": [asdict(r) for r in cuda_rows]}
+        (args.out_dir / "kernels_cuda.json").write_text(json.dumps(cuda_json, indent=2))
+        print_table(cuda_rows, cuda_copy, "CUDA kernels")
+    else:
+        cpu_json["cuda"] = {"status": "unmeasured (no GPU)", "rows": [asdict(r) for r in unmeasured_cuda_rows()]}
+    (args.out_dir / "kernels_cpu.json").write_text(json.dumps(cpu_json, indent=2))
+    print_table(cpu_rows, cpu_copy, "CPU kernels")
+    if not torch.cuda.is_available():
+        print("CUDA rows: unmeasured (no GPU) — recorded as such in kernels_cpu.json, not estimated")
+    print(f"wrote {args.out_dir / 'kernels_cpu.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
