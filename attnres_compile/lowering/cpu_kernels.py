@@ -62,6 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_GROUP = 8  # sources per unrolled weighted-sum sweep (keeps streams and registers bounded)
 _TOKEN_CHUNK = 64  # tokens per du partial row in the backward (fixed: thread-count independent)
 _CFLAGS = [
     "-O3",
@@ -73,7 +74,7 @@ _CFLAGS = [
     "-fno-trapping-math",
     "-pthread",
 ]
-CPU_CODEGEN_VERSION = "6"
+CPU_CODEGEN_VERSION = "7"
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ _PRELUDE = r"""
 
 #define M {m}
 #define TOKEN_CHUNK {token_chunk}
+#define JG {group}  /* sources per unrolled sweep group */
 #define VL 16
 #define RB 256
 typedef float vf __attribute__((vector_size(VL * 4)));
@@ -206,6 +208,7 @@ static void fwd_work(void* p, int64_t t0, int64_t t1) {
     const fwd_ctx* c = (const fwd_ctx*)p;
     const int64_t D = c->D;
     float w[M];
+    float* acc = M > JG ? (float*)malloc(sizeof(float) * (size_t)D) : NULL;
     for (int64_t t = t0; t < t1; t++) {
         float mx = -INFINITY;
         for (int j = 0; j < M; j++) {
@@ -221,14 +224,10 @@ static void fwd_work(void* p, int64_t t0, int64_t t1) {
         IN* out = c->out + t * D;
         const IN* vp[M];
         for (int j = 0; j < M; j++) vp[j] = c->src[j] + t * c->rs[j];
-        /* rows are in L1/L2 now: one vectorised sweep over d, M unrolled streams */
-        #pragma omp simd
-        for (int64_t d = 0; d < D; d++) {
-            float a = 0.f;
-            for (int j = 0; j < M; j++) a += w[j] * LD(vp[j][d]);
-            out[d] = ST(a);
-        }
+        /* rows are in L1/L2 now: vectorised sweeps over d, sources in unrolled groups */
+/*@FWD_SWEEP@*/
     }
+    free(acc);
 }
 
 void attnres_fwd(const IN* const* src, const int64_t* rs, const float* u, float eps, float scale,
@@ -287,17 +286,7 @@ static void bwd_work(void* p, int64_t k0, int64_t k1) {
                 op[j] = c->dst[j] + t * D;
             }
             const float* u = c->u;
-            #pragma omp simd
-            for (int64_t d = 0; d < D; d++) {
-                const float gd = G[d], ud = u[d];
-                float acc = du[d];
-                for (int j = 0; j < M; j++) {
-                    const float x = LD(vp[j][d]);
-                    op[j][d] = ST(a[j] * gd + cu[j] * ud - cv[j] * x);
-                    acc += cu[j] * x;
-                }
-                du[d] = acc;
-            }
+/*@BWD_SWEEP@*/
         }
     }
     free(G);
@@ -330,6 +319,7 @@ static void p1_work(void* p, int64_t t0, int64_t t1) {
     const int64_t D = c->D, S = c->S, T = c->T;
     const float invD = 1.0f / (float)D;
     float ir[M]; float e[M]; const IN* vp[M];
+    float* acc = M > JG ? (float*)malloc(sizeof(float) * (size_t)D) : NULL;
     for (int64_t t = t0; t < t1; t++) {
         for (int j = 0; j < M; j++) vp[j] = c->blk[j] + t * c->rs[j];
         for (int j = 0; j < M; j++) {
@@ -352,14 +342,11 @@ static void p1_work(void* p, int64_t t0, int64_t t1) {
             for (int j = 0; j < M; j++) { e[j] = expf(e[j] - mx); z += e[j]; }
             c->m[l * T + t] = mx; c->z[l * T + t] = z;
             IN* out = c->o + (l * T + t) * D;
-            #pragma omp simd
-            for (int64_t d = 0; d < D; d++) {
-                float a = 0.f;
-                for (int j = 0; j < M; j++) a += e[j] * LD(vp[j][d]);
-                out[d] = ST(a);
-            }
+            const float* w = e;
+/*@P1_SWEEP@*/
         }
     }
+    free(acc);
 }
 
 void attnres_phase1(const IN* const* blk, const int64_t* rs, const float* u, int64_t S, float eps,
@@ -411,10 +398,57 @@ void attnres_phase2(const IN* o, int64_t ors, const float* m, const float* z, co
 _BODIES = {"fwd": _FWD, "bwd": _BWD, "phase1": _PHASE1, "phase2": _PHASE2}
 
 
+def _groups(m: int) -> list[range]:
+    return [range(g, min(m, g + _GROUP)) for g in range(0, m, _GROUP)]
+
+
+def _weighted_sum_sweeps(m: int, w: str, out: str, indent: int) -> str:
+    """``out[d] = ST(sum_j w[j] * v_j[d])`` as vectorised sweeps over d, ``_GROUP`` unrolled
+    sources per sweep (partial sums in the float buffer ``acc`` between sweeps)."""
+    pad = " " * indent
+    lines = []
+    groups = _groups(m)
+    for k, grp in enumerate(groups):
+        terms = " + ".join(f"{w}[{j}] * LD(vp[{j}][d])" for j in grp)
+        first, last = k == 0, k == len(groups) - 1
+        if first and last:
+            stmt = f"{out}[d] = ST({terms});"
+        elif first:
+            stmt = f"acc[d] = {terms};"
+        elif last:
+            stmt = f"{out}[d] = ST(acc[d] + {terms});"
+        else:
+            stmt = f"acc[d] += {terms};"
+        lines += [f"{pad}#pragma omp simd", f"{pad}for (int64_t d = 0; d < D; d++) {stmt}"]
+    return "\n".join(lines)
+
+
+def _backward_sweeps(m: int, indent: int) -> str:
+    """Gradient rows of ``_GROUP`` sources per vectorised sweep; ``du[d]`` once per sweep."""
+    pad = " " * indent
+    lines = []
+    for grp in _groups(m):
+        lines += [f"{pad}#pragma omp simd", f"{pad}for (int64_t d = 0; d < D; d++) {{",
+                  f"{pad}    const float gd = G[d], ud = u[d];", f"{pad}    float acc = du[d];"]
+        for j in grp:
+            lines += [
+                f"{pad}    {{ const float x = LD(vp[{j}][d]);",
+                f"{pad}      op[{j}][d] = ST(a[{j}] * gd + cu[{j}] * ud - cv[{j}] * x); acc += cu[{j}] * x; }}",
+            ]
+        lines += [f"{pad}    du[d] = acc;", f"{pad}}}"]
+    return "\n".join(lines)
+
+
 def generate_c_source(spec: CpuSpec) -> str:
     head = f"/* Generated by attnres_compile.lowering.cpu_kernels (version {CPU_CODEGEN_VERSION}): {spec} */\n"
-    prelude = _PRELUDE.format(m=spec.m, token_chunk=_TOKEN_CHUNK, dtype_block=_DTYPE_BLOCKS[spec.dtype])
-    return head + prelude + _BODIES[spec.kind]
+    prelude = _PRELUDE.format(
+        m=spec.m, token_chunk=_TOKEN_CHUNK, group=_GROUP, dtype_block=_DTYPE_BLOCKS[spec.dtype]
+    )
+    body = _BODIES[spec.kind]
+    body = body.replace("/*@FWD_SWEEP@*/", _weighted_sum_sweeps(spec.m, "w", "out", 8))
+    body = body.replace("/*@P1_SWEEP@*/", _weighted_sum_sweeps(spec.m, "w", "out", 12))
+    body = body.replace("/*@BWD_SWEEP@*/", _backward_sweeps(spec.m, 12))
+    return head + prelude + body
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,7 +649,8 @@ def backward(
 
 
 def phase1(
-    blocks: Sequence[Tensor], queries: Tensor, gains: Tensor, eps: float
+    blocks: Sequence[Tensor], queries: Tensor, gains: Tensor, eps: float,
+    *, out: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     first = blocks[0]
     lib = kernel_for("phase1", len(blocks), first.dtype)
@@ -625,9 +660,12 @@ def phase1(
     s = queries.shape[0]
     rows = [_rows(b, d) for b in blocks]
     t = rows[0].shape[0]
-    o = torch.empty((s, *first.shape), dtype=first.dtype)
-    m = torch.empty((s, *first.shape[:-1]), dtype=torch.float32)
-    z = torch.empty((s, *first.shape[:-1]), dtype=torch.float32)
+    if out is not None:
+        o, m, z = out
+    else:
+        o = torch.empty((s, *first.shape), dtype=first.dtype)
+        m = torch.empty((s, *first.shape[:-1]), dtype=torch.float32)
+        z = torch.empty((s, *first.shape[:-1]), dtype=torch.float32)
     u = (queries.float() * gains.float()).contiguous()
     lib.attnres_phase1(
         _ptr_array(rows), _i64_array([r.stride(0) for r in rows]), u.data_ptr(), s, float(eps),

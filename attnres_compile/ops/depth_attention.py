@@ -27,9 +27,18 @@ The backward is analytic (it does not autograd through the forward). With ``u = 
     grad norm_wt   = du * w
 
 All math runs in float32 (float64 when the sources are float64); results are cast back to
-each input's dtype. The compute lives in ``_depth_attention_forward_impl`` and
-``_depth_attention_backward_impl``; the op bodies look them up at call time, so a generated
-kernel can replace either by rebinding the module attribute.
+each input's dtype.
+
+Where the work runs (``_dispatch.py``, docs/kernels.md):
+
+* CUDA tensors: generated Triton kernels (``lowering/triton_codegen.py``), launched through
+  ``torch.library.wrap_triton`` from ``torch.library.triton_op`` bodies, so Inductor sees them.
+* CPU tensors: generated C compiled once per (kind, M, dtype) (``lowering/cpu_kernels.py``),
+  falling back to the plain implementation below when no C compiler is available; the plain
+  path can be forced with :func:`plain_cpu_path`.
+* Everything else, and fake tensors: the plain PyTorch implementation
+  ``_depth_attention_forward_impl`` / ``_depth_attention_backward_impl``, which is also the
+  readable statement of the math the kernels are tested against.
 """
 
 from __future__ import annotations
