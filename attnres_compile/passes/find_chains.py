@@ -15,6 +15,8 @@ from torch.fx import Graph, Node
 from . import prenorm
 from .graph_utils import (
     ADD_OPS,
+    CONV_OPS,
+    COPY_OPS,
     INPLACE_ADD_OPS,
     METADATA_ONLY,
     WEIGHT_OPS,
@@ -25,9 +27,12 @@ from .graph_utils import (
     descendants_within,
     forward_closure,
     module_path,
+    mutation_of,
     node_index,
+    same_meta,
     same_shape,
     source_line,
+    storage_inputs,
     tensor_meta,
 )
 
@@ -58,6 +63,7 @@ class Chain:
     final: prenorm.DegreeResult | None = None
     prenorm_reason: str | None = None   # None when the chain is PreNorm
     extra_uses: list[tuple[int, Node]] = field(default_factory=list)  # (site, user) outside the chain
+    feature_axis: int = -1   # the axis depth attention normalises over: -1, or 1 for NCHW conv streams
 
     @property
     def start(self) -> Node:
@@ -99,15 +105,60 @@ def _op_name(node: Node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
+_STAT_READERS = frozenset({
+    torch.ops.aten.rsqrt.default, torch.ops.aten.sqrt.default, torch.ops.aten.reciprocal.default,
+    torch.ops.aten.log.default,
+})
+
+
+def _scalar_reason(node: Node) -> str:
+    a = node.args[0]
+    val = tensor_meta(a) if isinstance(a, Node) else None
+    if val is not None and not val.dtype.is_floating_point:
+        return "scalar operand on integers (positions, indices or a mask)"
+    for u in node.users:
+        if u.op == "call_function" and (u.target in _STAT_READERS or (
+                u.target in (torch.ops.aten.div.Tensor,) and u.args[1] is node)):
+            return "eps added to a norm statistic (scalar operand)"
+    return "scalar operand (an offset or constant add)"
+
+
+def _private_copy(t: Node, node: Node) -> bool:
+    """`t` is a fresh tensor (an op's output, not a view) that only `node` reads."""
+    return (t.op == "call_function" and len(t.users) == 1 and node in t.users
+            and not storage_inputs(t) and tensor_meta(t) is not None)
+
+
+def _inplace_operands(node: Node):
+    """An in-place add that behaves like `add(a, b)`: (a, b), or a reason string.
+
+    `y = f(x); y += x` writes into the branch output, and `x = x.clone(); x += f(x)` into a
+    private copy of the stream; when nothing else reads the written tensor, the add is
+    functional and can be a residual link (the rewrite turns it into a depth-attention site).
+    """
+    if node.target is not torch.ops.aten.add_.Tensor or not isinstance(node.args[0], Node):
+        return "in-place add (add_) with a scalar operand"
+    t, other = node.args[0], node.args[1]
+    if not _private_copy(t, node):
+        return "in-place add (add_) that modifies a tensor read elsewhere is not rewritten"
+    if t.target in COPY_OPS and isinstance(t.args[0], Node) and same_meta(t, t.args[0]):
+        t = t.args[0]  # x = x.clone(); x += y  ==  x + y
+    return t, other
+
+
 def _classify_add(node: Node, index: dict[Node, int]):
     """Return a Link candidate or a reason string."""
-    if node.target in INPLACE_ADD_OPS:
-        return "in-place add (add_) is not rewritten"
     if node.kwargs.get("alpha", 1) != 1 or (len(node.args) > 2 and node.args[2] != 1):
         return "add with alpha != 1"
-    a, b = node.args[0], node.args[1]
+    if node.target in INPLACE_ADD_OPS:
+        res = _inplace_operands(node)
+        if isinstance(res, str):
+            return res
+        a, b = res
+    else:
+        a, b = node.args[0], node.args[1]
     if not isinstance(a, Node) or not isinstance(b, Node):
-        return "scalar operand (eps, offset or constant add)"
+        return _scalar_reason(node)
     ta, tb = tensor_meta(a), tensor_meta(b)
     if ta is None or tb is None:
         return "operands are not tensors"
@@ -126,8 +177,20 @@ def _classify_add(node: Node, index: dict[Node, int]):
     region = set(descendants_within(aliases, anc, index))
     region.discard(node)
     if not any(n.op == "call_function" and n.target in WEIGHT_OPS for n in region):
-        return "branch holds no matmul, linear or convolution (elementwise add such as rotary or an activation)"
+        return "the branch holds no matmul, linear or convolution (an elementwise add, e.g. inside an activation)"
     return Link(add=node, stream=x, root=root, branches=[y], region=region)
+
+
+def _independent_reason(x: Node, y: Node, index) -> str:
+    """Why an add of two values that do not depend on each other is not residual."""
+    def mul(n):
+        return n.op == "call_function" and n.target in (torch.ops.aten.mul.Tensor,)
+    if mul(x) and mul(y):
+        for p in x.all_input_nodes:
+            for r in y.all_input_nodes:
+                if p is not r and p in ancestors_after(r, index[p], index):
+                    return "rotary position embedding (x * cos + rotate_half(x) * sin), not a residual add"
+    return "operands are independent (no residual dependence, e.g. a sum of branches or of embeddings)"
 
 
 def _try_parallel(node: Node, x: Node, y: Node, links_by_add: dict[Node, Link], index) -> Link | None:
@@ -167,7 +230,7 @@ def find_links(graph: Graph, index: dict[Node, int]):
                     links.pop(inner, None)
                 links[node] = merged
                 continue
-            res = "operands are independent (no residual dependence)"
+            res = _independent_reason(x, y, index)
         left[node] = res
     return links, left
 
@@ -232,6 +295,11 @@ def analyse_streams(graph: Graph) -> StreamAnalysis:
         if len(chain.links) < MIN_LINKS:
             refused.append((chain, _single_link_reason(chain, links, index)))
             continue
+        chain.feature_axis = _feature_axis(chain)
+        why = _feature_dim_problem(chain) or _dead_end(chain, index) or _mutated_stream(chain)
+        if why is not None:
+            refused.append((chain, why))
+            continue
         kept.append(chain)
 
     for chain in kept:
@@ -278,6 +346,62 @@ def analyse_streams(graph: Graph) -> StreamAnalysis:
     return StreamAnalysis(kept, left_alone, refused)
 
 
+def _feature_axis(chain: Chain) -> int:
+    """-1 (the last dim, [..., D]) unless a sublayer convolves the stream: then 1 (NCHW channels).
+
+    PyTorch convolutions are channels-first, so when a sublayer runs a convolution on a tensor
+    of the stream's shape, the stream's features are its channels (dim 1), not its last dim
+    (a spatial one). Depth attention then runs over the channels of each position.
+    """
+    val = tensor_meta(chain.start)
+    if val is None or val.dim() < 3:
+        return -1
+    for link in chain.links:
+        for n in link.region:
+            if n.op == "call_function" and n.target in CONV_OPS and isinstance(n.args[0], Node):
+                inp = tensor_meta(n.args[0])
+                if inp is not None and same_shape(inp, val):
+                    return 1
+    return -1
+
+
+def _feature_dim_problem(chain: Chain) -> str | None:
+    val = tensor_meta(chain.start)
+    if val is None or val.dim() == 0:
+        return "the stream is not a tensor with a feature dimension"
+    axis = chain.feature_axis
+    size = val.shape[axis]
+    if not isinstance(size, int):
+        where = "last dimension" if axis == -1 else f"dimension {axis}"
+        return (f"the stream's feature dimension ({where}, size {size}) is dynamic; depth-attention "
+                "parameters need a fixed width (capture with dynamic=False, or give that dimension a fixed size)")
+    return None
+
+
+def _mutated_stream(chain: Chain) -> str | None:
+    """In-place writes to a stream value a_0..a_{L-1} (or a view of one) cannot be preserved.
+
+    After the rewrite a_l no longer exists: its readers get the site output and the next
+    stream value is a partial sum that does not read a_l, so an in-place change of a_l would
+    reach neither. (The chain's end may be modified: all its readers share the final site.)
+    """
+    for i, v in enumerate(chain.stream_values()[:-1]):
+        for a in alias_closure(v):
+            m = mutation_of(a)
+            if m is not None:
+                return (f"the stream value before sublayer {i} is modified in place by {_op_name(m)} at "
+                        f"{_describe(m)}, which the rewrite cannot preserve")
+    return None
+
+
+def _dead_end(chain: Chain, index) -> str | None:
+    """A chain whose end reaches no graph output is dead code: its sites could never learn."""
+    closure = forward_closure(alias_closure(chain.end), index)
+    if any(n.op == "output" for n in closure):
+        return None
+    return "the stream's final value reaches no output of the model (dead code), so its sites could not be trained"
+
+
 def _single_link_reason(chain: Chain, links: dict[Node, Link], index) -> str:
     link = chain.links[0]
     # PostNorm: the add feeds a norm whose output is the stream of another residual add.
@@ -288,8 +412,12 @@ def _single_link_reason(chain: Chain, links: dict[Node, Link], index) -> str:
                 if alias_root(other.stream) in normed or other.root in normed:
                     return (f"PostNorm block: the residual output goes through the norm {_describe(u)} "
                             "before the next residual add, which breaks the stream")
-    if link.add.target in ADD_OPS and any(
-        isinstance(x, Node) and x.op == "call_function" and x.target in prenorm.NORM_OPS for x in link.add.users
-    ):
-        return f"PostNorm block: the residual output is normalized by {_describe(next(iter(link.add.users)))}"
+    # A norm right after the add in the add's own module (BERT's `LayerNorm(x + f(x))`) is
+    # PostNorm too; a norm elsewhere after a lone add is the model's final norm.
+    here = module_path(link.add)
+    for u in _stream_users(link.add, set()):
+        if u.op == "call_function" and u.target in prenorm.NORM_OPS and here:
+            there = module_path(u)
+            if there == here or there.startswith(here + "."):
+                return f"PostNorm block: the residual output is normalized by {_describe(u)}"
     return f"a single residual add, not a stream (a chain needs at least {MIN_LINKS} links)"

@@ -5,6 +5,7 @@ Everything here reads a graph; nothing mutates it.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Iterable
 
@@ -31,6 +32,12 @@ WEIGHT_OPS = _overloads(
     aten.scaled_dot_product_attention,
 )
 
+# Convolutions read channels-first tensors: [N, C, *spatial].
+CONV_OPS = _overloads(
+    aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convolution,
+    aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
+)
+
 # Ops that return their input's value unchanged when shape and dtype are unchanged.
 IDENTITY_WHEN_SAME_META = _overloads(
     aten.to, aten._to_copy, aten.view, aten.reshape, aten._unsafe_view, aten.contiguous,
@@ -38,6 +45,9 @@ IDENTITY_WHEN_SAME_META = _overloads(
 )
 
 CASTS = _overloads(aten.to, aten._to_copy, aten.type_as)
+
+# Identity ops that always return fresh storage: a clone is the same *value*, not the same tensor.
+COPY_OPS = _overloads(aten.clone, aten._to_copy, aten.lift_fresh_copy)
 
 METADATA_ONLY = _overloads(
     aten._assert_tensor_metadata, aten.sym_size, aten.sym_stride, aten.sym_numel,
@@ -73,13 +83,82 @@ def same_meta(a: Node, b: Node) -> bool:
     return ta is not None and tb is not None and ta.dtype == tb.dtype and same_shape(ta, tb)
 
 
+def _arg(node: Node, i: int, name: str):
+    return node.args[i] if i < len(node.args) else node.kwargs.get(name)
+
+
+def _schema(node: Node):
+    t = node.target
+    return t._schema if node.op == "call_function" and isinstance(t, torch._ops.OpOverload) else None
+
+
+def written_inputs(node: Node) -> list[Node]:
+    """Inputs `node` modifies in place (`Tensor(a!)` in its schema: add_, copy_, index_put_...)."""
+    schema = _schema(node)
+    if schema is None:
+        return []
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = _arg(node, i, a.name)
+            for x in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(x, Node):
+                    out.append(x)
+    return out
+
+
+def storage_inputs(node: Node) -> list[Node]:
+    """Inputs whose storage `node`'s output may share (views, no-op casts), from the schema."""
+    if node.op != "call_function":
+        return []
+    if node.target is operator.getitem:  # an element of a list of views (split, unbind)
+        return [node.args[0]] if isinstance(node.args[0], Node) else []
+    schema = _schema(node)
+    if schema is None:
+        return []
+    sets = set()
+    for r in schema.returns:
+        if r.alias_info is not None and not r.alias_info.is_write:
+            sets |= set(r.alias_info.before_set) | set(r.alias_info.after_set)
+    if not sets:
+        return []
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and set(a.alias_info.before_set) & sets:
+            v = _arg(node, i, a.name)
+            if isinstance(v, Node):
+                out.append(v)
+    return out
+
+
+def mutation_of(node: Node) -> Node | None:
+    """The first node that modifies `node`'s storage in place (directly or through a view), or None."""
+    seen = {node}
+    queue = deque([node])
+    while queue:
+        cur = queue.popleft()
+        for u in cur.users:
+            if cur in written_inputs(u):
+                return u
+            if u not in seen and cur in storage_inputs(u):
+                seen.add(u)
+                queue.append(u)
+    return None
+
+
 def is_identity_alias(node: Node) -> bool:
-    """True if `node` is a cast/view that leaves its first input's value untouched."""
+    """True if `node` is a cast/view that leaves its first input's value untouched.
+
+    A copy (clone, _to_copy) that is later modified in place is not: its readers must keep a
+    private tensor, so the rewrite may not hand them the stream (or a site output) instead.
+    """
     if node.op != "call_function" or node.target not in IDENTITY_WHEN_SAME_META:
         return False
     if not node.args or not isinstance(node.args[0], Node):
         return False
-    return same_meta(node, node.args[0])
+    if not same_meta(node, node.args[0]):
+        return False
+    return not (node.target in COPY_OPS and mutation_of(node) is not None)
 
 
 def alias_root(node: Node) -> Node:

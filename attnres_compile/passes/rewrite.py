@@ -18,7 +18,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .find_chains import Chain
-from .graph_utils import alias_closure, tensor_meta
+from .graph_utils import alias_closure, tensor_meta  # noqa: F401
 from .schedule import SiteSchedule, block_schedule
 
 DEPTH_ATTENTION = None  # resolved lazily: importing ops registers torch.ops.attnres
@@ -54,7 +54,7 @@ def plan_chain(chain: Chain, chain_index: int, block_size: int, *, preserve: str
                eps: float | None) -> list[SitePlan]:
     """Sites of a chain with their eps and scale, before touching the graph."""
     val = tensor_meta(chain.start)
-    dim = int(val.shape[-1])
+    dim = int(val.shape[chain.feature_axis])
     plans = []
     schedule = block_schedule(len(chain.links), block_size)
     for sched in schedule:
@@ -92,48 +92,38 @@ def _stream_readers(value: Node, skip: set[Node]) -> tuple[list[Node], list[Node
 
 
 def rewrite_chain(gm: GraphModule, chain: Chain, plans: list[SitePlan], block_size: int) -> None:
+    """Rewrite `chain` in `gm`'s graph.
+
+    Each stream value a_l (l >= 1, the node of link l-1's residual add) is turned *in place*
+    into its site h_l (the final site for a_L): same node object, new op and arguments. So
+    every reader of a_l — its sublayer, returned hidden states, another chain that starts
+    from it, a sublayer of an enclosing chain — reads h_l without being found and redirected,
+    and references held by other chains' analyses stay valid whatever order chains are
+    rewritten in. a_0 (the chain's start) is site 0, the identity, and stays as it is. The
+    residual adds' arithmetic moves to new partial-sum nodes inserted before them.
+    """
     graph = gm.graph
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    old_adds = {a for link in chain.links for a in link.adds}
     stream_values = chain.stream_values()
     op = _depth_attention_op()
 
+    for i, (plan, value) in enumerate(zip(plans, stream_values)):
+        skip = set(chain.links[i].adds) if i < len(chain.links) else set()
+        readers, _ = _stream_readers(value, skip)
+        plan.reads = [u.name for u in readers]
+
     blocks: list[Node] = [chain.start]
     partial: Node | None = None
-    dead_asserts: list[Node] = []
-
-    def site_node(plan: SitePlan, sources: list[Node], readers: list[Node]) -> Node:
-        if len(sources) == 1:
-            return sources[0]
-        first = min(readers, key=index.__getitem__) if readers else None
-        ctx = graph.inserting_before(first) if first is not None else graph.inserting_before(graph.output_node())
-        with ctx:
-            q = graph.get_attr(f"{plan.param_prefix}.query")
-            g = graph.get_attr(f"{plan.param_prefix}.norm_weight")
-            h = graph.call_function(op, (list(sources), q, g, plan.eps, plan.scale))
-        h.meta["val"] = tensor_meta(chain.start)
-        h.meta["attnres_site"] = plan.param_prefix
-        return h
-
-    def redirect(value: Node, h: Node, readers: list[Node]) -> None:
-        members = set(alias_closure(value))
-        for u in readers:
-            for inp in list(u.all_input_nodes):
-                if inp in members:
-                    u.replace_input_with(inp, h)
-
-    for link, plan, value in zip(chain.links, plans, stream_values):
-        sched = plan.schedule
-        if sched.sublayer % block_size == 0 and sched.sublayer > 0:
+    absorbed: list[Node] = []
+    for l, (link, plan) in enumerate(zip(chain.links, plans)):
+        if l % block_size == 0 and l > 0:
             blocks.append(partial)
             partial = None
         sources = blocks + ([partial] if partial is not None else [])
-        assert len(sources) == sched.num_sources, (sources, sched)
-        readers, asserts = _stream_readers(value, set(link.adds))
-        dead_asserts += asserts
-        h = site_node(plan, sources, readers)
-        plan.reads = [u.name for u in readers]
-        redirect(value, h, readers)
+        assert len(sources) == plan.schedule.num_sources, (sources, plan.schedule)
+        if l > 0:
+            _become_site(graph, stream_values[l], plan, sources, chain.feature_axis, op)
+        else:
+            assert len(sources) == 1 and plan.param_prefix is None
 
         with graph.inserting_before(link.add):
             out = link.branches[0]
@@ -146,31 +136,38 @@ def rewrite_chain(gm: GraphModule, chain: Chain, plans: list[SitePlan], block_si
                 out.meta["nn_module_stack"] = link.add.meta.get("nn_module_stack", {})
                 out.meta["stack_trace"] = link.add.meta.get("stack_trace")
         partial = out
+        absorbed += link.absorbed
 
     blocks.append(partial)
-    final_plan = plans[-1]
-    readers, asserts = _stream_readers(stream_values[-1], set())
-    dead_asserts += asserts
-    h_final = site_node(final_plan, blocks, readers)
-    final_plan.reads = [u.name for u in readers]
-    redirect(stream_values[-1], h_final, readers)
+    _become_site(graph, stream_values[-1], plans[-1], blocks, chain.feature_axis, op)
 
-    for n in dead_asserts:
+    for n in reversed(absorbed):  # inner adds of parallel links: read only by their outer add
+        if n.users:
+            raise RuntimeError(f"internal error: residual add {n.name} still read after rewrite")
         graph.erase_node(n)
-    _erase_dead(graph, old_adds, stream_values)
 
 
-def _erase_dead(graph, old_adds: set[Node], stream_values: list[Node]) -> None:
-    """Remove the old adds and their identity aliases, now unread, last first."""
-    candidates = set(old_adds)
-    for v in stream_values[1:]:
-        candidates.update(alias_closure(v))
-    for v in stream_values[:1]:
-        candidates.update(a for a in alias_closure(v) if a is not v)
-    for n in reversed(list(graph.nodes)):
-        if n in candidates and not n.users:
-            graph.erase_node(n)
-    left = [n.name for n in graph.nodes if n in old_adds]
-    if left:
-        raise RuntimeError(f"internal error: residual adds still read after rewrite: {left}")
-
+def _become_site(graph, node: Node, plan: SitePlan, sources: list[Node], axis: int, op) -> None:
+    """Turn the stream value `node` into depth attention over `sources` (same node, same value meta)."""
+    assert plan.param_prefix is not None and len(sources) > 1
+    with graph.inserting_before(node):
+        if axis != -1:  # channels-first stream: attend over dim `axis`, moved last, and back
+            moved = []
+            for src in sources:
+                m = graph.call_function(torch.ops.aten.movedim.int, (src, axis, -1))
+                m.meta["val"] = torch.ops.aten.movedim.int(tensor_meta(src), axis, -1)
+                moved.append(m)
+            sources = moved
+        q = graph.get_attr(f"{plan.param_prefix}.query")
+        g = graph.get_attr(f"{plan.param_prefix}.norm_weight")
+        if axis != -1:
+            h = graph.call_function(op, (list(sources), q, g, plan.eps, plan.scale))
+            h.meta["val"] = tensor_meta(sources[0]).contiguous()
+            h.meta["attnres_site"] = plan.param_prefix
+            node.target, node.args = torch.ops.aten.movedim.int, (h, -1, axis)
+        else:
+            node.target, node.args = op, (list(sources), q, g, plan.eps, plan.scale)
+    node.kwargs = {}
+    node.meta["attnres_site"] = plan.param_prefix
+    node.meta.pop("nn_module_stack", None)
+    node._rename("depth_attention" if axis == -1 else "depth_attention_out")
