@@ -69,6 +69,10 @@ def path(request):
     elif request.param == "triton":
         pytest.importorskip("triton")
         from attnres_compile.lowering.triton_interpret import round_bf16_to_nearest
+        from attnres_compile.lowering.triton_kernels import interpreter_enabled
+
+        if not interpreter_enabled():
+            pytest.skip("needs TRITON_INTERPRET=1 (no GPU here)")
 
         with _dispatch.triton_on_cpu(), round_bf16_to_nearest():
             yield request.param
@@ -176,11 +180,19 @@ def test_block_schedule_served_two_phase(path_name):
 # --------------------------------------------------------------------------------------------
 
 
+def _needs_interpreter() -> None:
+    pytest.importorskip("triton")
+    from attnres_compile.lowering.triton_kernels import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (no GPU here)")
+
+
 @pytest.mark.parametrize("variant", ["resident", "twopass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n,s,d,t,bt,p", [(1, 1, 5, 7, 4, 2), (3, 4, 100, 13, 4, 3), (5, 2, 48, 37, 8, 4)])
 def test_phase1_bytes(n, s, d, t, bt, p, dtype, variant):
-    pytest.importorskip("triton")
+    _needs_interpreter()
     from attnres_compile.lowering import triton_kernels as tk
     from attnres_compile.lowering.triton_interpret import count_bytes
 
@@ -207,7 +219,7 @@ def test_phase1_bytes(n, s, d, t, bt, p, dtype, variant):
 @pytest.mark.parametrize("with_partial", [True, False], ids=["partial", "first_site"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_phase2_bytes(with_partial, dtype):
-    pytest.importorskip("triton")
+    _needs_interpreter()
     from attnres_compile.lowering import triton_kernels as tk
     from attnres_compile.lowering.triton_interpret import count_bytes
 

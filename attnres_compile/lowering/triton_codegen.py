@@ -521,7 +521,7 @@ def load_kernel(spec: KernelSpec):
         path = source_path(spec)
         if not path.exists() or path.read_text() != text:
             _write_atomic(path, text)
-        mod_name = f"attnres_compile_generated.{path.stem}"
+        mod_name = f"attnres_compile_generated_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[mod_name] = module  # inspect.getsource / Inductor need to find it
