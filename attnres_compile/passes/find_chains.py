@@ -139,6 +139,8 @@ def _inplace_operands(node: Node):
     if node.target is not torch.ops.aten.add_.Tensor or not isinstance(node.args[0], Node):
         return "in-place add (add_) with a scalar operand"
     t, other = node.args[0], node.args[1]
+    if t.op in ("get_attr", "placeholder"):
+        return "in-place update of a model buffer or input (e.g. BatchNorm's num_batches_tracked counter)"
     if not _private_copy(t, node):
         return "in-place add (add_) that modifies a tensor read elsewhere is not rewritten"
     if t.target in COPY_OPS and isinstance(t.args[0], Node) and same_meta(t, t.args[0]):
@@ -256,7 +258,18 @@ def _stream_users(value: Node, exclude: set[Node]) -> list[Node]:
     return out
 
 
+_BATCH_NORMS = frozenset(
+    getattr(torch.ops.aten, n).default for n in (
+        "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+        "_native_batch_norm_legit_functional",
+    ) if hasattr(torch.ops.aten, n) and hasattr(getattr(torch.ops.aten, n), "default")
+)
+
+
 def _why_not_prenorm(where: str, res: prenorm.DegreeResult) -> str:
+    if res.offending is not None and res.offending.target in _BATCH_NORMS:
+        return (f"{where} reads the stream through {_op_name(res.offending)} at {_describe(res.offending)}, "
+                "which is not scale invariant (eval mode normalises with running statistics)")
     if res.offending is not None:
         return f"{where} reads the stream through {_op_name(res.offending)} at {_describe(res.offending)} before any norm"
     if res.leak is not None:
