@@ -154,3 +154,111 @@ def main_output(out):
     if isinstance(out, (tuple, list)):
         return out[0]
     raise TypeError(type(out))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016): x + conv(relu(norm(conv(relu(norm(x))))))."""
+
+    def __init__(self, c: int, norm: str = "batch"):
+        super().__init__()
+        Norm = (lambda: nn.BatchNorm2d(c)) if norm == "batch" else (lambda: nn.GroupNorm(4, c, eps=1e-12))
+        self.n1, self.n2 = Norm(), Norm()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return x + self.c2(F.relu(self.n2(self.c1(F.relu(self.n1(x))))))
+
+
+class PreActResNet(nn.Module):
+    """A pre-activation ResNet stage: stem conv, `blocks` residual blocks at one resolution, head.
+
+    The residual stream is NCHW: channels are dim 1, not the last dim.
+    """
+
+    def __init__(self, c: int = 16, blocks: int = 3, classes: int = 10, norm: str = "batch"):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.ModuleList([PreActBlock(c, norm) for _ in range(blocks)])
+        self.norm = nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(4, c, eps=1e-12)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.fc(F.relu(self.norm(x)).mean((2, 3)))
+
+
+# -- the architecture zoo (tests/test_architectures.py, benchmarks/coverage.py) ---------------
+
+def architectures():
+    """name -> dict(factory, args, kwargs, layers, note): tiny random configs, no downloads.
+
+    Norm eps is 1e-12 wherever the config has one, so scale mode can be checked on
+    Hugging Face's small random init (see tests/test_convert.py). `kwargs` holds what the
+    converted model needs too (tensors are passed again at call time, the rest is fixed).
+    """
+    import transformers as T
+
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    dec = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    img = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    small_img = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    decoder = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=32)
+    lm = {"use_cache": False}
+
+    def gpt2():
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=32,
+                                              layer_norm_epsilon=1e-12, bos_token_id=0, eos_token_id=0))
+
+    def llama():
+        return T.LlamaForCausalLM(T.LlamaConfig(**decoder, num_key_value_heads=2, rms_norm_eps=1e-12))
+
+    def mistral():
+        return T.MistralForCausalLM(T.MistralConfig(**decoder, num_key_value_heads=2, rms_norm_eps=1e-12))
+
+    def qwen2():
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**decoder, num_key_value_heads=2, rms_norm_eps=1e-12))
+
+    def neox():
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**decoder, use_parallel_residual=True, layer_norm_eps=1e-12))
+
+    def vit():
+        return T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                      intermediate_size=64, image_size=16, patch_size=4, layer_norm_eps=1e-12))
+
+    def t5():
+        return T.T5Model(T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                    layer_norm_epsilon=1e-12, decoder_start_token_id=0))
+
+    def bert():
+        return T.BertModel(T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64))
+
+    def resnet_bn():
+        m = PreActResNet(c=8, blocks=3, norm="batch")
+        with torch.no_grad():  # non-trivial running statistics for eval mode
+            m.train()(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)))
+        return m
+
+    return {
+        "gpt2": dict(factory=gpt2, args=(ids,), kwargs=lm, layers=3, note="GPT2LMHeadModel"),
+        "llama": dict(factory=llama, args=(ids,), kwargs=lm, layers=2, note="LlamaForCausalLM"),
+        "mistral": dict(factory=mistral, args=(ids,), kwargs=lm, layers=2, note="MistralForCausalLM"),
+        "qwen2": dict(factory=qwen2, args=(ids,), kwargs=lm, layers=2, note="Qwen2ForCausalLM"),
+        "gpt_neox_parallel": dict(factory=neox, args=(ids,), kwargs=lm, layers=2,
+                                  note="GPTNeoXForCausalLM, use_parallel_residual=True"),
+        "vit": dict(factory=vit, args=(img,), kwargs={}, layers=3, note="ViTModel"),
+        "t5": dict(factory=t5, args=(ids,), kwargs={"decoder_input_ids": dec, "use_cache": False}, layers=2,
+                   note="T5Model: encoder chain + decoder chain"),
+        "bert": dict(factory=bert, args=(ids,), kwargs={}, layers=2, note="BertModel (PostNorm)"),
+        "preact_resnet_bn": dict(factory=resnet_bn, args=(small_img,), kwargs={}, layers=3,
+                                 note="pre-activation ResNet, BatchNorm, NCHW"),
+        "preact_resnet_gn": dict(factory=lambda: PreActResNet(c=8, blocks=3, norm="group"), args=(small_img,),
+                                 kwargs={}, layers=3, note="pre-activation ResNet, GroupNorm, NCHW"),
+        "llama_hidden_states": dict(factory=llama, args=(ids,),
+                                    kwargs={"use_cache": False, "output_hidden_states": True}, layers=2,
+                                    note="LlamaForCausalLM, output_hidden_states=True"),
+    }

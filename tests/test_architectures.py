@@ -1,0 +1,295 @@
+"""convert() across architectures (tests/models.py `architectures()`), shapes and dtypes.
+
+For every architecture: the chains and sites found, step-0 equivalence in exact mode (and
+scale mode where the chains are PreNorm), a gradient for every new parameter, and the adds
+left alone checked against what the architecture really has: every add of the captured graph
+is either a residual link or listed with its reason, and the reasons are counted by kind.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+import attnres_compile as ac
+from attnres_compile.capture import capture
+from attnres_compile.passes.find_chains import analyse_streams
+from attnres_compile.passes.graph_utils import ADD_OPS, INPLACE_ADD_OPS
+
+from .models import PreActResNet, TinyPreNormLM, architectures, main_output
+
+ARCH = architectures()
+
+# What each architecture really has. chains: sublayers per chain (one per attention, MLP,
+# cross-attention; one per layer for parallel attention + MLP). left: adds left alone, by kind.
+EXPECT = {
+    "gpt2": dict(chains=[6], scale=True,
+                 left={"integer": 3, "broadcast": 1, "elementwise": 3, "scalar": 3}),  # GELU-tanh: x + c x^3, 1 + tanh
+    "llama": dict(chains=[4], scale=True, left={"integer": 3, "eps": 5, "rotary": 4}),
+    "mistral": dict(chains=[4], scale=True, left={"integer": 3, "eps": 5, "rotary": 4}),
+    "qwen2": dict(chains=[4], scale=True, left={"integer": 3, "eps": 5, "rotary": 4}),
+    "gpt_neox_parallel": dict(chains=[2], scale=True, left={"integer": 3, "rotary": 4, "independent": 2}),
+    "vit": dict(chains=[6], scale=True, left={"integer": 2, "broadcast": 1}),
+    "t5": dict(chains=[4, 6], scale=True, left={"integer": 12, "non-floating": 1, "eps": 12}),
+    "preact_resnet_bn": dict(chains=[3], scale=False, left={"buffer": 7}),  # BN num_batches_tracked += 1
+    "preact_resnet_gn": dict(chains=[3], scale=True, left={}),
+    "llama_hidden_states": dict(chains=[4], scale=False, left={"integer": 3, "eps": 5, "rotary": 4}),
+}
+CONVERTED = list(EXPECT)
+
+KINDS = [  # (kind, what the reason says), first match wins
+    ("postnorm", "PostNorm"), ("rotary", "rotary"), ("eps", "eps added"), ("integer", "on integers"),
+    ("non-floating", "non-floating"), ("broadcast", "broadcasting"), ("elementwise", "no matmul"),
+    ("buffer", "buffer"), ("independent", "independent"), ("scalar", "scalar operand"),
+    ("single", "single residual add"), ("not-prenorm", "not PreNorm"),
+]
+
+
+def kind(reason: str) -> str:
+    reason = re.sub(r"^inside sublayer .*? of the chain from \S+: ", "", reason)
+    return next((k for k, key in KINDS if key in reason), "other")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def norm_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a.float()).all(), "non-finite output"
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def call_kwargs(kwargs: dict) -> dict:
+    """What a converted model is called with: tensors again; the rest was fixed at conversion."""
+    return {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+
+
+def outputs(out) -> dict[str, torch.Tensor]:
+    """Every tensor worth comparing: the main output plus hidden states and encoder output."""
+    got = {"main": main_output(out)}
+    for i, h in enumerate(getattr(out, "hidden_states", None) or ()):
+        got[f"hidden_states[{i}]"] = h
+    enc = getattr(out, "encoder_last_hidden_state", None)
+    if enc is not None:
+        got["encoder_last_hidden_state"] = enc
+    return got
+
+
+@pytest.fixture(scope="module", params=CONVERTED)
+def arch(request):
+    name = request.param
+    spec = ARCH[name]
+    torch.manual_seed(0)
+    model = spec["factory"]().eval()
+    args, kwargs = spec["args"], spec["kwargs"]
+    with torch.no_grad():
+        ref = outputs(model(*args, **kwargs))
+    exact = ac.convert(model, args, kwargs=kwargs, preserve="exact").eval()
+    if EXPECT[name]["scale"]:
+        scale = ac.convert(model, args, kwargs=kwargs).eval()
+    else:
+        with pytest.raises(ac.NoEligibleChainError) as ei:
+            ac.convert(model, args, kwargs=kwargs)
+        scale = ei.value
+    return name, model, args, kwargs, ref, exact, scale
+
+
+def test_chains_and_sites(arch):
+    name, model, args, kwargs, ref, exact, scale = arch
+    rep = exact.attnres_report
+    assert [c.num_sublayers for c in rep.chains] == EXPECT[name]["chains"], str(rep)
+    assert rep.num_sites == sum(n + 1 for n in EXPECT[name]["chains"])
+    for c in rep.chains:
+        assert [s.name for s in c.sites] == [f"site{i}" for i in range(c.num_sublayers)] + ["final"]
+    if name == "gpt_neox_parallel":  # attention + MLP read one stream: one sublayer per layer
+        assert rep.num_sites == ARCH[name]["layers"] + 1
+        assert [s.module for s in rep.chains[0].sites[:-1]] == ["gpt_neox.layers.0", "gpt_neox.layers.1"]
+    if name == "t5":
+        enc, dec = rep.chains
+        assert all(s.module.startswith("encoder.") for s in enc.sites[:-1])
+        assert all(s.module.startswith("decoder.") for s in dec.sites[:-1])
+        assert [s.module.rsplit(".", 1)[1] for s in dec.sites[:3]] == ["SelfAttention", "EncDecAttention",
+                                                                       "DenseReluDense"]
+    if name.startswith("preact_resnet"):  # NCHW: depth attention over the 8 channels
+        assert exact.attnres.chain0.final.query.shape == (8,)
+
+
+def test_exact_equivalence(arch):
+    name, model, args, kwargs, ref, exact, scale = arch
+    with torch.no_grad():
+        got = outputs(exact(*args, **call_kwargs(kwargs)))
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert rel_err(got[key], ref[key]) <= 1e-5, key
+    if name == "llama_hidden_states":
+        assert len(got) == 1 + ARCH[name]["layers"] + 1
+
+
+def test_scale_mode(arch):
+    name, model, args, kwargs, ref, exact, scale = arch
+    if not EXPECT[name]["scale"]:
+        msg = str(scale)
+        assert "not PreNorm" in msg and "preserve='exact'" in msg, msg
+        if name == "preact_resnet_bn":
+            assert "batch_norm" in msg and "running statistics" in msg
+        if name == "llama_hidden_states":
+            assert "outside the chain" in msg
+        return
+    with torch.no_grad():
+        got = main_output(scale(*args, **call_kwargs(kwargs)))
+    assert rel_err(got, ref["main"]) <= 1e-3
+
+
+def test_every_new_parameter_gets_gradient(arch):
+    name, model, args, kwargs, ref, exact, scale = arch
+    conv = copy.deepcopy(exact).train()
+    out = main_output(conv(*args, **call_kwargs(kwargs)))
+    loss = (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum()
+    loss.backward()
+    params = ac.attnres_parameters(conv)
+    assert len(params) == 2 * sum(n for n in EXPECT[name]["chains"])  # all sites but site0
+    for n, p in params.items():
+        assert p.grad is not None, n
+        assert torch.isfinite(p.grad).all(), n
+        if n.endswith(".query"):
+            assert p.grad.abs().sum() > 0, n
+
+
+def test_adds_left_alone_match_the_architecture(arch):
+    name, model, args, kwargs, ref, exact, scale = arch
+    rep = exact.attnres_report
+    assert all(la.reason for la in rep.left_alone)
+    assert dict(Counter(kind(la.reason) for la in rep.left_alone)) == EXPECT[name]["left"], \
+        [(la.node, la.reason) for la in rep.left_alone]
+    # Nothing silently missing: every add of the graph is a residual link or left alone.
+    graph = capture(model, args, kwargs, training=True, dynamic=False).module.graph
+    an = analyse_streams(graph)
+    adds = {n for n in graph.nodes if n.op == "call_function" and (n.target in ADD_OPS or n.target in INPLACE_ADD_OPS)}
+    links = {a for c in an.chains for lk in c.links for a in lk.adds}
+    left = {la.node for la in an.left_alone}
+    assert not links & left
+    assert adds == links | left, sorted(n.name for n in adds - links - left)
+    assert len(links) == sum(EXPECT[name]["chains"]) + (0 if name != "gpt_neox_parallel" else 0)
+    assert len(left) == len(rep.left_alone)
+
+
+def test_bert_postnorm_refused_with_reasons():
+    spec = ARCH["bert"]
+    model = spec["factory"]().eval()
+    for preserve in ("scale", "exact"):
+        with pytest.raises(ac.NoEligibleChainError, match="PostNorm") as ei:
+            ac.convert(model, spec["args"], preserve=preserve)
+        rep = ei.value.report
+        kinds = Counter(kind(la.reason) for la in rep.left_alone)
+        assert kinds == Counter({"postnorm": 4, "integer": 2, "broadcast": 1, "independent": 1}), \
+            [(la.node, la.reason) for la in rep.left_alone]
+        assert len(rep.refused_chains) == 4 and all("PostNorm" in r["reason"] for r in rep.refused_chains)
+
+
+# -- shapes and dtypes -------------------------------------------------------------------------
+
+def test_other_batch_and_sequence_sizes():
+    for name, new_args in [
+        ("llama", (torch.randint(0, 64, (3, 11)),)),
+        ("vit", (torch.randn(5, 3, 16, 16),)),
+        ("preact_resnet_gn", (torch.randn(3, 3, 6, 10),)),
+    ]:
+        spec = ARCH[name]
+        torch.manual_seed(0)
+        model = spec["factory"]().eval()
+        conv = ac.convert(model, spec["args"], kwargs=spec["kwargs"], preserve="exact").eval()
+        with torch.no_grad():
+            ref = main_output(model(*new_args, **spec["kwargs"]))
+            got = main_output(conv(*new_args))
+        assert got.shape == ref.shape and rel_err(got, ref) <= 1e-5, name
+
+
+def test_static_capture_refuses_other_sizes():
+    model = TinyPreNormLM().eval()
+    idx = torch.randint(0, 37, (2, 9))
+    conv = ac.convert(model, (idx,), preserve="exact", dynamic=False).eval()
+    assert rel_err(conv(idx), model(idx)) <= 1e-5
+    with pytest.raises(Exception):
+        conv(torch.randint(0, 37, (3, 5)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "preact_resnet_gn"])
+def test_low_precision_models_convert_and_run(name, dtype):
+    spec = ARCH[name]
+    torch.manual_seed(0)
+    model = spec["factory"]().eval().to(dtype)
+    args = tuple(a.to(dtype) if a.is_floating_point() else a for a in spec["args"])
+    with torch.no_grad():
+        ref = main_output(model(*args, **spec["kwargs"]))
+    conv = ac.convert(model, args, kwargs=spec["kwargs"], preserve="exact").eval()
+    assert all(p.dtype == dtype for p in ac.attnres_parameters(conv).values())
+    with torch.no_grad():
+        got = main_output(conv(*args))
+    assert got.dtype == dtype
+    assert norm_rel_err(got, ref) <= 1e-2
+    conv.train()
+    out = main_output(conv(*args))
+    out.float().square().mean().backward()
+    for n, p in ac.attnres_parameters(conv).items():
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_to_dtype_on_converted_module(dtype):
+    """`.to(dtype)` after conversion. Works where the captured graph has no dtype-specific casts
+    (nanoGPT-style models, ViT); Hugging Face decoders cast to a captured dtype inside their
+    RMSNorm, so convert those after `model.to(dtype)` (test above) instead."""
+    torch.manual_seed(0)
+    model = TinyPreNormLM().eval()
+    idx = torch.randint(0, 37, (2, 9))
+    conv = ac.convert(model, (idx,), preserve="exact").eval()
+    conv_d = copy.deepcopy(conv).to(dtype)
+    assert all(p.dtype == dtype for p in conv_d.parameters())
+    ref = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        got, want = conv_d(idx), ref(idx)
+    assert got.dtype == dtype
+    assert norm_rel_err(got, want) <= (1e-2 if dtype != torch.float64 else 1e-12)
+    # and back: the float32 result is the original again
+    back = conv_d.to(torch.float32)
+    with torch.no_grad():
+        assert norm_rel_err(back(idx), model(idx)) <= 1e-2
+
+
+def test_channels_first_conv_stream_attends_over_channels():
+    """NCHW streams: sites normalise over the channels (dim 1) of each position, so parameters
+    are [C] and any spatial size runs, also with trained (non-zero) queries."""
+    torch.manual_seed(0)
+    model = PreActResNet(c=8, blocks=3, norm="group").eval()
+    conv = ac.convert(model, (torch.randn(2, 3, 8, 8),), preserve="exact").eval()
+    with torch.no_grad():
+        for site in conv.attnres.chain0.children():
+            assert site.query.shape == (8,)
+            site.query.normal_()
+        for shape in [(2, 3, 8, 8), (1, 3, 5, 12)]:
+            x = torch.randn(*shape)
+            out = conv(x)
+            assert out.shape == (shape[0], 10) and torch.isfinite(out).all()
+    sites = [n for n in conv.graph.nodes if n.target is torch.ops.attnres.depth_attention.default]
+    assert len(sites) == 3  # site1, site2, final (site0 is the identity)
+    for n in sites:
+        assert all(src.target is torch.ops.aten.movedim.int and src.args[1:] == (1, -1) for src in n.args[0])
+
+
+def test_to_dtype_on_converted_vit():
+    spec = ARCH["vit"]
+    torch.manual_seed(0)
+    model = spec["factory"]().eval()
+    conv = ac.convert(model, spec["args"], preserve="exact").eval().to(torch.bfloat16)
+    x = spec["args"][0].to(torch.bfloat16)
+    with torch.no_grad():
+        got = main_output(conv(x))
+        want = main_output(copy.deepcopy(model).to(torch.bfloat16)(x))
+    assert got.dtype == torch.bfloat16 and norm_rel_err(got, want) <= 1e-2
