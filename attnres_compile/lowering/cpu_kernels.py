@@ -23,7 +23,12 @@ over memory per token, the second sweep over a token's rows hitting L1/L2:
   ``M*D`` written. ``du`` is summed per fixed 64-token chunk into a ``[chunks, D]`` float32
   buffer and the chunks are summed in order, so the result does not depend on the thread
   count.
-* phase 1 / phase 2 of two-phase inference (``ops/two_phase.py``), the same way.
+* phase 1 / phase 2 of two-phase inference (``ops/two_phase.py``), the same way; phase 1
+  computes its ``S x N`` scores over 256-column chunks so the block chunks (converted to
+  float once) and every site's ``u`` chunk stay in L1.
+
+Streaming sweeps prefetch 4 KiB ahead, continuing into the row read next; fresh output
+buffers get a transparent-huge-page hint (``ATTNRES_CPU_HUGEPAGES=0`` disables it).
 
 Everything is optional: with no C compiler (or ``ATTNRES_CPU_KERNELS=0``) :func:`available`
 is false and the ops use the plain PyTorch implementation.
