@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attnres_compile.lowering import cpu_kernels  # noqa: E402
 from attnres_compile.ops import depth_attention_reference  # noqa: E402
-from attnres_compile.ops import depth_attention as depth_attention_mod  # noqa: E402, F401
 from attnres_compile.ops.depth_attention import (  # noqa: E402
     _depth_attention_backward_impl,
     _depth_attention_forward_impl,
