@@ -43,14 +43,16 @@ def branch_specs(draw, seq: bool):
 
 
 @st.composite
-def step_specs(draw, seq: bool, cross: bool):
+def step_specs(draw, seq: bool, cross: bool, first: bool = False):
     form = draw(st.sampled_from(FORMS))
     spec = {
         "form": form,
         "f": draw(branch_specs(seq)),
         "between": draw(st.sampled_from(BETWEEN)),
-        "cross": cross and seq and draw(st.booleans()),
+        "cross": cross and seq and (first or draw(st.booleans())),
     }
+    if spec["cross"]:  # cross-attention: the decoder's branch reads the encoder's output
+        spec["f"]["kind"] = "attn"
     if form.startswith("parallel"):
         spec["g"] = draw(branch_specs(seq))
     return spec
@@ -60,7 +62,7 @@ def step_specs(draw, seq: bool, cross: bool):
 def stream_specs(draw, seq: bool, cross: bool = False, max_depth: int = 5):
     depth = draw(st.integers(1, max_depth))
     return {
-        "steps": [draw(step_specs(seq, cross)) for _ in range(depth)],
+        "steps": [draw(step_specs(seq, cross, first=(i == 0))) for i in range(depth)],
         "start": draw(st.sampled_from(["none", "none", "bias", "pos"])) if seq else "none",
     }
 

@@ -262,3 +262,19 @@ def architectures():
                                     kwargs={"use_cache": False, "output_hidden_states": True}, layers=2,
                                     note="LlamaForCausalLM, output_hidden_states=True"),
     }
+
+
+# What a left-alone add's reason says, as a short kind (tests and benchmarks/coverage.py count these).
+REASON_KINDS = [  # (kind, text in the reason), first match wins
+    ("postnorm", "PostNorm"), ("rotary", "rotary"), ("eps", "eps added"), ("integer", "on integers"),
+    ("non-floating", "non-floating"), ("broadcast", "broadcasting"), ("elementwise", "no matmul"),
+    ("buffer", "buffer"), ("independent", "independent"), ("scalar", "scalar operand"),
+    ("single", "single residual add"), ("not-prenorm", "not PreNorm"),
+]
+
+
+def reason_kind(reason: str) -> str:
+    import re
+
+    reason = re.sub(r"^inside sublayer .*? of the chain from \S+: ", "", reason)
+    return next((k for k, key in REASON_KINDS if key in reason), "other")

@@ -9,7 +9,6 @@ is either a residual link or listed with its reason, and the reasons are counted
 from __future__ import annotations
 
 import copy
-import re
 from collections import Counter
 
 import pytest
@@ -20,7 +19,7 @@ from attnres_compile.capture import capture
 from attnres_compile.passes.find_chains import analyse_streams
 from attnres_compile.passes.graph_utils import ADD_OPS, INPLACE_ADD_OPS
 
-from .models import PreActResNet, TinyPreNormLM, architectures, main_output
+from .models import PreActResNet, TinyPreNormLM, architectures, main_output, reason_kind
 
 ARCH = architectures()
 
@@ -41,17 +40,7 @@ EXPECT = {
 }
 CONVERTED = list(EXPECT)
 
-KINDS = [  # (kind, what the reason says), first match wins
-    ("postnorm", "PostNorm"), ("rotary", "rotary"), ("eps", "eps added"), ("integer", "on integers"),
-    ("non-floating", "non-floating"), ("broadcast", "broadcasting"), ("elementwise", "no matmul"),
-    ("buffer", "buffer"), ("independent", "independent"), ("scalar", "scalar operand"),
-    ("single", "single residual add"), ("not-prenorm", "not PreNorm"),
-]
-
-
-def kind(reason: str) -> str:
-    reason = re.sub(r"^inside sublayer .*? of the chain from \S+: ", "", reason)
-    return next((k for k, key in KINDS if key in reason), "other")
+kind = reason_kind
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -293,3 +282,30 @@ def test_to_dtype_on_converted_vit():
         got = main_output(conv(x))
         want = main_output(copy.deepcopy(model).to(torch.bfloat16)(x))
     assert got.dtype == torch.bfloat16 and norm_rel_err(got, want) <= 1e-2
+
+
+# -- depth ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_48_layer_llama_converts_in_time():
+    """benchmarks/bench_convert.py's deepest config: d_model 256, 48 layers (96 sublayers).
+
+    The pass itself is linear in depth (~0.1 s here); torch.export's two captures dominate
+    (~25 s on 2 CPU cores). The bound leaves room for a loaded CI machine.
+    """
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_convert import llama
+
+    model = llama(48, 256)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    conv = ac.convert(model, (ids,), kwargs={"use_cache": False}, preserve="exact").eval()
+    seconds = time.perf_counter() - t0
+    assert conv.attnres_report.num_sites == 97
+    with torch.no_grad():
+        assert rel_err(main_output(conv(ids)), main_output(model(ids, use_cache=False))) <= 1e-5
+    assert seconds < 90, f"48-layer conversion took {seconds:.1f}s"
