@@ -32,6 +32,7 @@ from .graph_utils import (
     same_meta,
     same_shape,
     source_line,
+    static_int,
     storage_inputs,
     tensor_meta,
 )
@@ -373,9 +374,31 @@ def _feature_axis(chain: Chain) -> int:
         for n in link.region:
             if n.op == "call_function" and n.target in CONV_OPS and isinstance(n.args[0], Node):
                 inp = tensor_meta(n.args[0])
-                if inp is not None and same_shape(inp, val):
+                if inp is not None and same_shape(inp, val) and not _permuted_on_the_way(n.args[0], link.region):
                     return 1
     return -1
+
+
+_PERMUTES = frozenset({
+    torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.t.default,
+    torch.ops.aten.movedim.int, torch.ops.aten.swapaxes.default, torch.ops.aten.swapdims.default,
+})
+
+
+def _permuted_on_the_way(node: Node, region: set[Node]) -> bool:
+    """Whether a transpose/permute lies between the stream and `node` inside the sublayer
+    (a [B, T, D] stream transposed to [B, D, T] for a conv is still features-last, even when
+    T == D makes the shapes look alike)."""
+    seen, stack = set(), [node]
+    while stack:
+        cur = stack.pop()
+        if cur in seen or cur not in region:
+            continue
+        seen.add(cur)
+        if cur.op == "call_function" and cur.target in _PERMUTES:
+            return True
+        stack.extend(cur.all_input_nodes)
+    return False
 
 
 def _feature_dim_problem(chain: Chain) -> str | None:
@@ -384,7 +407,7 @@ def _feature_dim_problem(chain: Chain) -> str | None:
         return "the stream is not a tensor with a feature dimension"
     axis = chain.feature_axis
     size = val.shape[axis]
-    if not isinstance(size, int):
+    if static_int(size) is None:
         where = "last dimension" if axis == -1 else f"dimension {axis}"
         return (f"the stream's feature dimension ({where}, size {size}) is dynamic; depth-attention "
                 "parameters need a fixed width (capture with dynamic=False, or give that dimension a fixed size)")

@@ -66,6 +66,15 @@ def tensor_meta(node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def static_int(x) -> int | None:
+    """`x` as an int when it is one, or a SymInt export specialised to a constant; else None."""
+    if isinstance(x, int):
+        return x
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return int(x) if is_concrete_int(x) else None
+
+
 def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dim() != b.dim():
         return False

@@ -18,7 +18,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .find_chains import Chain
-from .graph_utils import alias_closure, tensor_meta  # noqa: F401
+from .graph_utils import alias_closure, static_int, tensor_meta  # noqa: F401
 from .schedule import SiteSchedule, block_schedule
 
 DEPTH_ATTENTION = None  # resolved lazily: importing ops registers torch.ops.attnres
@@ -54,7 +54,7 @@ def plan_chain(chain: Chain, chain_index: int, block_size: int, *, preserve: str
                eps: float | None) -> list[SitePlan]:
     """Sites of a chain with their eps and scale, before touching the graph."""
     val = tensor_meta(chain.start)
-    dim = int(val.shape[chain.feature_axis])
+    dim = static_int(val.shape[chain.feature_axis])
     plans = []
     schedule = block_schedule(len(chain.links), block_size)
     for sched in schedule:
