@@ -78,7 +78,7 @@ def model_specs(draw):
     return {
         "d": draw(st.integers(4, 24)),
         "seq": seq,
-        "tokens": draw(st.booleans()),
+        "input": draw(st.sampled_from(["tokens", "features", "raw"])),  # raw: the input is the stream
         "topology": topology,
         "streams": streams,
         "final_norm": draw(st.sampled_from(NORMS)),
@@ -266,10 +266,13 @@ class FuzzNet(nn.Module):
         self.topology = spec["topology"]
         self.outside = spec["outside"]
         n = len(spec["streams"])
-        if spec["tokens"]:
+        kind = spec["input"]
+        if kind == "tokens":
             self.embed = nn.ModuleList(nn.Embedding(self.VOCAB, d) for _ in range(n))
-        else:
+        elif kind == "features":
             self.embed = nn.ModuleList(nn.Linear(self.FEATURES, d) for _ in range(n))
+        else:  # the first stream starts at the model's input itself
+            self.embed = nn.ModuleList([nn.Identity()] + [nn.Linear(d, d) for _ in range(n - 1)])
         self.streams = nn.ModuleList(Stream(s, d, self.CTX) for s in spec["streams"])
         self.norms = nn.ModuleList(make_norm(spec["final_norm"], d) for _ in range(n))
         self.head = nn.Linear(d, self.OUT)
@@ -282,9 +285,10 @@ class FuzzNet(nn.Module):
     def example_inputs(self, batch: int = 2, seq: int = 5):
         g = torch.Generator().manual_seed(self.spec["seed"])
         shape = (batch, seq) if self.spec["seq"] else (batch,)
-        if self.spec["tokens"]:
+        if self.spec["input"] == "tokens":
             return (torch.randint(0, self.VOCAB, shape, generator=g),)
-        return (torch.randn(*shape, self.FEATURES, generator=g),)
+        width = self.FEATURES if self.spec["input"] == "features" else self.spec["d"]
+        return (torch.randn(*shape, width, generator=g),)
 
     def forward(self, inp):
         topo = self.topology

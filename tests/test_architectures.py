@@ -284,6 +284,36 @@ def test_to_dtype_on_converted_vit():
     assert got.dtype == torch.bfloat16 and norm_rel_err(got, want) <= 1e-2
 
 
+
+class _TimeConvBlock(torch.nn.Module):
+    """Features-last [B, T, D] block with a depthwise conv over time on the transposed tensor."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.conv = torch.nn.Conv1d(d, d, 3, padding=1, groups=d)
+        self.out = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.out(self.conv(self.norm(x).transpose(1, 2)).transpose(1, 2))
+
+
+def test_features_last_stream_with_transposed_conv_and_input_as_start():
+    """The stream is the model's input (its last dim is Dim.AUTO at capture, specialised by the
+    LayerNorm) and a conv runs on a transposed copy: D stays the last dim, even when T == D."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_TimeConvBlock(8) for _ in range(3)]).eval()
+    x = torch.randn(2, 8, 8)
+    for dynamic in (False, True):
+        conv = ac.convert(model, (x,), preserve="exact", dynamic=dynamic).eval()
+        assert conv.attnres.chain0.final.query.shape == (8,)
+        with torch.no_grad():
+            assert rel_err(conv(x), model(x)) <= 1e-5
+    x2 = torch.randn(3, 13, 8)  # the dynamic capture runs other batch and sequence sizes
+    with torch.no_grad():
+        assert rel_err(conv(x2), model(x2)) <= 1e-5
+
+
 # -- depth ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
