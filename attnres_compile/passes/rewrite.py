@@ -7,6 +7,7 @@ For chain links l = 0..L-1 with stream values a_0..a_L, the rewrite
 * replaces every reader of the chain's end a_L by the final site over all blocks,
 * hands any other reader of a_l (returned hidden states, shape queries) the site's h_l.
 
+All of this by turning each a_l node (l >= 1) into its site in place, so readers follow.
 Sites with one source are the identity and get no node and no parameters.
 """
 
@@ -167,7 +168,7 @@ def _become_site(graph, node: Node, plan: SitePlan, sources: list[Node], axis: i
             node.target, node.args = torch.ops.aten.movedim.int, (h, -1, axis)
         else:
             node.target, node.args = op, (list(sources), q, g, plan.eps, plan.scale)
+            node.meta["attnres_site"] = plan.param_prefix
     node.kwargs = {}
-    node.meta["attnres_site"] = plan.param_prefix
     node.meta.pop("nn_module_stack", None)
     node._rename("depth_attention" if axis == -1 else "depth_attention_out")
