@@ -11,7 +11,7 @@ from .api import (
     load_attnres_state_dict,
     save_attnres,
 )
-from .errors import AttnResError, CaptureError, NoEligibleChainError
+from .errors import AttnResError, CaptureError, ModeMismatchError, NoEligibleChainError
 from .lowering.onnx_export import export_onnx
 from .module import AttnResModule
 from .report import ConversionReport
@@ -28,4 +28,5 @@ __all__ = [
     "AttnResError",
     "CaptureError",
     "NoEligibleChainError",
+    "ModeMismatchError",
 ]

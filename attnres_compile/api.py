@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .capture import capture, normalize_inputs
-from .errors import NoEligibleChainError
+from .errors import ModeMismatchError, NoEligibleChainError
 from .module import AttnResModule
 from .ops.site import DepthAttentionSite
 from .passes.find_chains import StreamAnalysis, analyse_streams
@@ -83,23 +83,42 @@ def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
         eval_gm = None
 
     train_an = analyse_streams(train_gm.graph)
-    chains, plans, refused = _select(train_an, preserve, num_blocks, block_size, eps)
-    report = _report(name, train_an, chains, plans, refused, preserve, num_blocks, block_size, same)
+    eval_an = analyse_streams(eval_gm.graph) if eval_gm is not None else None
+    mode_refused, eval_refused = [], []
+    if eval_an is not None:
+        if eval_gm._in_spec != train_gm._in_spec or eval_gm._out_spec != train_gm._out_spec:
+            what, t, e = (("inputs", train_gm._in_spec, eval_gm._in_spec) if eval_gm._in_spec != train_gm._in_spec
+                          else ("outputs", train_gm._out_spec, eval_gm._out_spec))
+            raise ModeMismatchError(
+                f"cannot convert {name}: its forward has a different structure of {what} in train mode "
+                f"({' '.join(str(t).split())}) and in eval mode ({' '.join(str(e).split())}); convert() captures "
+                f"both modes and serves the one matching .training, so both must take and return the same structure"
+            )
+        mode_refused, eval_refused, pairs = _match_modes(train_an, eval_an, preserve, num_blocks, block_size, eps)
+    else:
+        pairs = {}
+    chains, plans, refused = _select(train_an, preserve, num_blocks, block_size, eps, skip=mode_refused,
+                                     pairs=pairs)
+    refused += mode_refused
+    report = _report(name, train_an, chains, plans, refused, preserve, num_blocks, block_size, same,
+                     eval_refused=eval_refused)
     if not chains:
         raise NoEligibleChainError(_no_chain_message(name, train_an, refused, preserve), report)
 
     attnres = _build_parameters(plans)
+    attnres.layout = _report_layout(report)
     train_gm.add_module("attnres", attnres)
     for (chain, block), chain_plans in zip(chains, plans):
         rewrite_chain(train_gm, chain, chain_plans, block)
     if eval_gm is not None:
-        eval_an = analyse_streams(eval_gm.graph)
-        e_chains, e_plans, _ = _select(eval_an, preserve, num_blocks, block_size, eps)
-        if _layout(e_plans) != _layout(plans):
-            raise RuntimeError(
-                f"{name} has different residual streams in train and eval mode; cannot convert one set "
-                f"of parameters for both (train sites {len(_layout(plans))}, eval {len(_layout(e_plans))})"
-            )
+        # The eval chain matching each converted train chain, planned with the same index.
+        e_chains, e_plans = [], []
+        for (chain, s), chain_plans in zip(chains, plans):
+            e_chain = pairs[id(chain)]  # every converted chain has its eval partner
+            e_chains.append((e_chain, s))
+            e_plans.append(plan_chain(e_chain, chain_plans[0].chain, s, preserve=preserve, eps=eps))
+        if _layout(e_plans) != _layout(plans):  # _match_modes compared them: cannot happen
+            raise AssertionError("internal error: train and eval plans differ after matching")
         eval_gm.add_module("attnres", attnres)
         for (chain, block), chain_plans in zip(e_chains, e_plans):
             rewrite_chain(eval_gm, chain, chain_plans, block)
@@ -126,11 +145,19 @@ def attnres_parameters(converted: nn.Module) -> dict[str, nn.Parameter]:
 
 # -- helpers -----------------------------------------------------------------------------------
 
-def _select(analysis: StreamAnalysis, preserve, num_blocks, block_size, eps):
+def _select(analysis: StreamAnalysis, preserve, num_blocks, block_size, eps, skip=(), pairs=None):
+    skip_ids = {id(c) for c, _ in skip}
     chains, plans, refused = [], [], []
     for chain in analysis.chains:
+        if id(chain) in skip_ids:
+            continue
         if not chain.is_prenorm and preserve != "exact":
             refused.append((chain, f"not PreNorm: {chain.prenorm_reason}; convert it with preserve='exact'"))
+            continue
+        other = pairs.get(id(chain)) if pairs else None
+        if other is not None and not other.is_prenorm and preserve != "exact":
+            refused.append((chain, f"not PreNorm in eval mode: {other.prenorm_reason}; "
+                                   f"convert it with preserve='exact'"))
             continue
         s = resolve_block_size(len(chain.links), num_blocks, block_size)
         chains.append((chain, s))
@@ -138,12 +165,104 @@ def _select(analysis: StreamAnalysis, preserve, num_blocks, block_size, eps):
     return chains, plans, refused
 
 
+def _chain_key(chain) -> tuple:
+    """What identifies a chain across the train and eval captures: its sublayers' modules and
+    source lines (node names differ between captures)."""
+    return tuple((link.module, source_line(link.add)) for link in chain.links)
+
+
+def _describe_chain(chain) -> str:
+    mods = [link.module or link.add.name for link in chain.links]
+    span = mods[0] if len(mods) == 1 else f"{mods[0]} .. {mods[-1]}"
+    return f"a chain of {len(mods)} sublayer(s) ({span})"
+
+
+def _match_modes(train_an: StreamAnalysis, eval_an: StreamAnalysis, preserve, num_blocks, block_size, eps):
+    """Pair each train chain with the eval chain of the same sublayers and block layout.
+
+    Returns (train chains refused, eval chains refused, {id(train chain): eval chain}). A chain
+    found in one mode only, or laid out differently in the other, is refused in both: one set
+    of AttnRes parameters serves both graphs.
+    """
+    def layout(chain):
+        s = resolve_block_size(len(chain.links), num_blocks, block_size)
+        return _layout([plan_chain(chain, 0, s, preserve=preserve, eps=eps)]), [
+            (p.eps, p.scale, p.dtype) for p in plan_chain(chain, 0, s, preserve=preserve, eps=eps)]
+
+    by_key: dict[tuple, list] = {}
+    for c in eval_an.chains:
+        by_key.setdefault(_chain_key(c), []).append(c)
+    pairs, train_refused, matched = {}, [], set()
+    for c in train_an.chains:
+        cands = by_key.get(_chain_key(c), [])
+        other = cands.pop(0) if cands else None
+        if other is not None and layout(other) == layout(c):
+            pairs[id(c)] = other
+            matched.add(id(other))
+            continue
+        first = c.links[0].module or c.links[0].add.name
+        if other is not None:
+            matched.add(id(other))
+            why = "the sites get a different layout or eps in eval mode"
+        else:
+            why = _where_in_other_mode(c, eval_an, "eval")
+        train_refused.append((c, f"the residual stream differs between train and eval mode at {first}: "
+                                 f"in train mode {_describe_chain(c)}, {why}; one set of AttnRes parameters "
+                                 f"must serve both modes"))
+    eval_refused = []
+    for c in eval_an.chains:
+        if id(c) in matched:
+            continue
+        first = c.links[0].module or c.links[0].add.name
+        eval_refused.append((c, f"the residual stream differs between train and eval mode at {first}: "
+                                f"in eval mode {_describe_chain(c)}, {_where_in_other_mode(c, train_an, 'train')}"))
+    return train_refused, eval_refused, pairs
+
+
+def _where_in_other_mode(chain, other: StreamAnalysis, mode: str) -> str:
+    mods = {link.module for link in chain.links if link.module}
+    for o in other.chains:
+        if mods & {link.module for link in o.links}:
+            return f"in {mode} mode {_describe_chain(o)}"
+    return f"no such chain in {mode} mode"
+
+
 def _layout(plans: list[list[SitePlan]]):
     return [(p.chain, p.name, p.schedule.sources, p.dim) for ps in plans for p in ps]
 
 
+class AttnResParameters(nn.Module):
+    """`converted.attnres`: the new parameters. Its state_dict entry `attnres._extra_state`
+    holds the layout they were made for, so loading a state_dict of another layout (other
+    block size, other model) into a conversion fails with the mismatch named."""
+
+    layout: dict | None = None
+
+    def get_extra_state(self):
+        return self.layout
+
+    def set_extra_state(self, state) -> None:
+        if state is None or self.layout is None:
+            return
+        if state["chains"] != self.layout["chains"]:
+            raise ValueError(f"AttnRes weights in this state_dict were made for another layout "
+                             f"({state.get('model')}): {_layout_diff(state, self.layout)}")
+
+
+def _layout_diff(saved: dict, mine: dict) -> str:
+    diffs = []
+    for i, (a, b) in enumerate(zip(saved["chains"], mine["chains"])):
+        if a["block_size"] != b["block_size"]:
+            diffs.append(f"chain {i}: block_size {a['block_size']} in the file, {b['block_size']} here")
+        if a["num_sublayers"] != b["num_sublayers"]:
+            diffs.append(f"chain {i}: {a['num_sublayers']} sublayers in the file, {b['num_sublayers']} here")
+    if len(saved["chains"]) != len(mine["chains"]):
+        diffs.append(f"{len(saved['chains'])} chains in the file, {len(mine['chains'])} here")
+    return "; ".join(diffs) or "the sites differ"
+
+
 def _build_parameters(plans: list[list[SitePlan]]) -> nn.Module:
-    root = nn.Module()
+    root = AttnResParameters()
     for chain_plans in plans:
         chain_mod = nn.Module()
         for p in chain_plans:
@@ -157,7 +276,8 @@ def _build_parameters(plans: list[list[SitePlan]]) -> nn.Module:
     return root
 
 
-def _report(name, analysis, chains, plans, refused, preserve, num_blocks, block_size, same) -> ConversionReport:
+def _report(name, analysis, chains, plans, refused, preserve, num_blocks, block_size, same,
+            eval_refused=()) -> ConversionReport:
     chain_reports = []
     for (chain, s), chain_plans in zip(chains, plans):
         sites = [
@@ -180,6 +300,9 @@ def _report(name, analysis, chains, plans, refused, preserve, num_blocks, block_
             for la in analysis.left_alone]
     refused_d = [{"start": c.start.name, "num_sublayers": len(c.links), "reason": r}
                  for c, r in [*analysis.refused_chains, *refused]]
+    # Chains of the eval graph alone (node names are the eval capture's).
+    refused_d += [{"start": f"{c.start.name} (eval graph)", "num_sublayers": len(c.links), "reason": r}
+                  for c, r in eval_refused]
     for c, r in refused:  # adds of chains refused for not being PreNorm are left alone too
         for link in c.links:
             for a in link.adds:
@@ -225,7 +348,10 @@ def _no_chain_message(name, analysis, refused, preserve) -> str:
 
 def _layout_of(converted: AttnResModule) -> dict:
     """What a set of AttnRes weights fits: the sites, their source counts and widths."""
-    rep = converted.attnres_report
+    return _report_layout(converted.attnres_report)
+
+
+def _report_layout(rep: ConversionReport) -> dict:
     return {
         "model": rep.model,
         "preserve": rep.preserve,
@@ -272,17 +398,8 @@ def load_attnres_state_dict(converted: nn.Module, weights) -> None:
     if layout is not None:
         mine = _layout_of(converted)
         if layout["chains"] != mine["chains"]:
-            diffs = []
-            for i, (a, b) in enumerate(zip(layout["chains"], mine["chains"])):
-                if a["block_size"] != b["block_size"]:
-                    diffs.append(f"chain {i}: block_size {a['block_size']} in the file, {b['block_size']} here")
-                if a["num_sublayers"] != b["num_sublayers"]:
-                    diffs.append(f"chain {i}: {a['num_sublayers']} sublayers in the file, {b['num_sublayers']} here")
-            if len(layout["chains"]) != len(mine["chains"]):
-                diffs.append(f"{len(layout['chains'])} chains in the file, {len(mine['chains'])} here")
             raise ValueError(
-                f"AttnRes weights were saved for another layout ({layout['model']}): "
-                + ("; ".join(diffs) or "the sites differ")
+                f"AttnRes weights were saved for another layout ({layout['model']}): {_layout_diff(layout, mine)}"
             )
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))

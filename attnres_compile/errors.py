@@ -15,3 +15,8 @@ class NoEligibleChainError(AttnResError):
     def __init__(self, message: str, report=None):
         super().__init__(message)
         self.report = report
+
+
+class ModeMismatchError(AttnResError):
+    """The model's train and eval modes cannot share one conversion (e.g. they return different
+    output structures); the message says what differs."""

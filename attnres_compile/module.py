@@ -5,6 +5,12 @@ code) is baked into a captured graph, so conversion captures the model in train 
 mode and this module runs the graph matching `self.training`. Both graphs read one set of
 parameters and buffers, laid out under the original module paths, so `state_dict()` keys are
 the original model's plus `attnres.*`.
+
+A captured graph also bakes in the capture's floating dtype and device (casts such as Hugging
+Face's `hidden_states.to(input_dtype)`, `dtype=`/`device=` arguments of mask and position
+tensors, `torch.finfo(dtype).min` fill values). `.to(dtype)`, `.half()`, `.cuda()` and the like
+retarget those values in both graphs (see `_retarget`), always starting from the values as
+captured, so round trips give the captured graphs back.
 """
 
 from __future__ import annotations
@@ -60,6 +66,45 @@ def _on_cuda(args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
 
 
+_FLOAT_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_CAST_OPS = None
+
+
+def _cast_ops():
+    global _CAST_OPS
+    if _CAST_OPS is None:
+        aten = torch.ops.aten
+        _CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device}
+    return _CAST_OPS
+
+
+def _float_constants(dtype: torch.dtype) -> dict[float, str]:
+    fi = torch.finfo(dtype)
+    return {float(fi.min): "min", float(fi.max): "max"}
+
+
+def _retargetable(value, dtype, device) -> bool:
+    if isinstance(value, torch.dtype):
+        return value == dtype
+    if isinstance(value, torch.device):
+        return value == device
+    if isinstance(value, float) and dtype is not None:
+        return value in _float_constants(dtype)
+    return False
+
+
+def _dominant(tensors) -> tuple[torch.dtype | None, bool, torch.device | None, bool]:
+    """(floating dtype, whether it is the only one, device, whether it is the only one)."""
+    dtypes, devices = {}, {}
+    for t in tensors:
+        if t.is_floating_point():
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel()
+        devices[t.device] = devices.get(t.device, 0) + t.numel()
+    dtype = max(dtypes, key=dtypes.get) if dtypes else None
+    device = max(devices, key=devices.get) if devices else None
+    return dtype, len(dtypes) <= 1, device, len(devices) <= 1
+
+
 class _Specs:
     def __init__(self, in_spec, out_spec):
         self.in_spec, self.out_spec = in_spec, out_spec
@@ -100,6 +145,15 @@ class AttnResModule(nn.Module):
         else:
             graphs["eval"] = train_graph
         self._graphs = graphs
+        tensors = [*self.parameters(), *self.buffers()]
+        dtype, one_dtype, device, _ = _dominant(tensors)
+        # Values captured: the graphs are retargeted from these on every dtype or device change.
+        self._capture_dtype = dtype if dtype in _FLOAT_RANK else None
+        self._capture_mixed = None if one_dtype else sorted(
+            {str(t.dtype).replace("torch.", "") for t in tensors if t.is_floating_point()})
+        self._capture_device = device
+        self._graph_dtype, self._graph_device = self._capture_dtype, device
+        self._record_captured_values()
         self._compile()
         self.__class__ = _with_forward_signature(type(self), self._forward_fns["train"], constant_kwargs)
 
@@ -134,6 +188,117 @@ class AttnResModule(nn.Module):
             node.target = new
 
         return graph
+
+    def _distinct_graphs(self) -> list[Graph]:
+        """Both graphs, and those of nested graph modules (higher-order ops such as
+        `wrap_with_set_grad_enabled` around Hugging Face's rotary embedding)."""
+        out = []
+        for g in [*self._graphs.values(), *(m.graph for m in self._nested_graph_modules())]:
+            if all(g is not o for o in out):
+                out.append(g)
+        return out
+
+    def _nested_graph_modules(self) -> list[GraphModule]:
+        return [m for m in self.modules() if isinstance(m, GraphModule)]
+
+    def _record_captured_values(self) -> None:
+        """Remember, on each node, the dtype/device/finfo arguments as captured."""
+        dtype, device = self._capture_dtype, self._capture_device
+        for graph in self._distinct_graphs():
+            for node in graph.nodes:
+                if node.op != "call_function":
+                    continue
+                found = {}
+                for i, a in enumerate(node.args):
+                    if _retargetable(a, dtype, device):
+                        found[("args", i)] = a
+                for k, a in node.kwargs.items():
+                    if _retargetable(a, dtype, device):
+                        found[("kwargs", k)] = a
+                if found:
+                    node.meta["attnres_captured"] = found
+
+    def _target_of(self, fn) -> tuple[torch.dtype | None, torch.device | None]:
+        """The floating dtype and device `fn` (what `_apply` maps over tensors) moves us to."""
+        if self._graph_dtype is None and self._graph_device is None:
+            return None, None
+        probe = torch.empty(0, dtype=self._graph_dtype or torch.float32, device=self._graph_device)
+        try:
+            out = fn(probe)
+        except Exception:  # not a conversion we can read; nothing to retarget
+            return self._graph_dtype, self._graph_device
+        if not isinstance(out, torch.Tensor):
+            return self._graph_dtype, self._graph_device
+        dtype = out.dtype if self._graph_dtype is not None else None
+        return dtype, out.device
+
+    def _apply(self, fn, recurse=True):
+        dtype, device = self._target_of(fn)
+        if dtype != self._graph_dtype:
+            self._check_dtype_change(dtype)
+        out = super()._apply(fn, recurse)
+        if dtype != self._graph_dtype or device != self._graph_device:
+            self._retarget(dtype, device)
+        return out
+
+    def _check_dtype_change(self, dtype) -> None:
+        name, cap = self._model_name, self._capture_dtype
+        fix = (f"call model.to({dtype}) on the original model before attnres_compile.convert() "
+               f"instead of converting first")
+        if self._capture_mixed is not None:
+            raise TypeError(
+                f"cannot change the dtype of the converted {name} to {dtype}: its parameters and buffers had "
+                f"several floating dtypes at conversion ({', '.join(self._capture_mixed)}), so the captured "
+                f"graphs' casts cannot be mapped to one new dtype; {fix}"
+            )
+        if dtype not in _FLOAT_RANK or cap is None:
+            raise TypeError(f"cannot change the dtype of the converted {name} from {cap} to {dtype}: "
+                            f"only float16, bfloat16, float32 and float64 are supported; {fix}")
+
+    def _retarget(self, dtype, device) -> None:
+        """Rewrite the captured dtype/device values of both graphs for the module's new ones.
+
+        Mapping from the captured values (capture dtype C, device D) to the new ones (N, E):
+        every `torch.dtype` argument equal to C becomes N (casts to the model's dtype, `dtype=`
+        of masks), `torch.finfo(C).min/max` fill values become those of N, every device D
+        becomes E. One exception keeps numerics: a cast of an integer tensor to float32
+        (`position.float()`: relative-position buckets, rotary angles) stays float32, since
+        low-precision floats cannot hold large positions. The captured metadata asserts
+        (`_assert_tensor_metadata`) stop checking a dtype/device that changed.
+        """
+        cap, cap_dev = self._capture_dtype, self._capture_device
+        new_dtype = dtype if dtype is not None else cap
+        new_dev = device if device is not None else cap_dev
+        casts = _cast_ops()
+        for graph in self._distinct_graphs():
+            for node in graph.nodes:
+                found = node.meta.get("attnres_captured")
+                if not found:
+                    continue
+                for (where, key), old in found.items():
+                    if isinstance(old, torch.dtype):
+                        new = new_dtype
+                        if (old == torch.float32 and node.target in casts and node.args
+                                and isinstance(node.args[0], torch.fx.Node)):
+                            src = node.args[0].meta.get("val")
+                            if isinstance(src, torch.Tensor) and not src.is_floating_point() \
+                                    and src.dtype != torch.bool:
+                                new = old
+                    elif isinstance(old, torch.device):
+                        new = new_dev
+                    else:  # finfo(C).min / max
+                        which = _float_constants(cap)[old]
+                        new = float(getattr(torch.finfo(new_dtype), which))
+                    if node.target is torch.ops.aten._assert_tensor_metadata.default and new != old:
+                        new = None  # a check of the capture's dtype/device: off once they change
+                    if where == "args":
+                        node.update_arg(key, new)
+                    else:
+                        node.update_kwarg(key, new)
+        for gm in self._nested_graph_modules():
+            gm.recompile()
+        self._graph_dtype, self._graph_device = (dtype, device)
+        self._compile()
 
     def _compile(self) -> None:
         fns = {}

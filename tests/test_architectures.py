@@ -232,9 +232,7 @@ def test_low_precision_models_convert_and_run(name, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_to_dtype_on_converted_module(dtype):
-    """`.to(dtype)` after conversion. Works where the captured graph has no dtype-specific casts
-    (nanoGPT-style models, ViT); Hugging Face decoders cast to a captured dtype inside their
-    RMSNorm, so convert those after `model.to(dtype)` (test above) instead."""
+    """`.to(dtype)` after conversion on a model whose graph has no dtype-valued arguments."""
     torch.manual_seed(0)
     model = TinyPreNormLM().eval()
     idx = torch.randint(0, 37, (2, 9))
@@ -250,6 +248,83 @@ def test_to_dtype_on_converted_module(dtype):
     back = conv_d.to(torch.float32)
     with torch.no_grad():
         assert norm_rel_err(back(idx), model(idx)) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+def test_to_dtype_on_converted_hf_decoder(name, dtype):
+    """Hugging Face graphs bake the capture dtype into casts, masks and finfo.min fills;
+    `.to(dtype)` retargets them. Checked against the original model cast the same way, there
+    and back (float32 -> dtype -> float32), in both modes' graphs, without touching the model."""
+    spec = ARCH[name]
+    torch.manual_seed(0)
+    model = spec["factory"]().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    conv = ac.convert(model, spec["args"], kwargs=spec["kwargs"], preserve="exact").eval()
+    kw = call_kwargs(spec["kwargs"])
+    conv_d = conv.to(dtype)
+    assert conv_d is conv and all(p.dtype == dtype for p in conv.parameters())
+    ref = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        got, want = main_output(conv(*spec["args"], **kw)), main_output(ref(*spec["args"], **spec["kwargs"]))
+    assert got.dtype == dtype
+    assert norm_rel_err(got, want) <= (2e-2 if dtype == torch.bfloat16 else 1e-6)
+    conv.train()  # the train graph is retargeted too; gradients in the new dtype
+    main_output(conv(*spec["args"], **kw)).float().square().mean().backward()
+    for n, p in ac.attnres_parameters(conv).items():
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), n
+    conv.eval().to(torch.float32)
+    ref32 = ref.to(torch.float32)
+    with torch.no_grad():
+        back, want32 = main_output(conv(*spec["args"], **kw)), main_output(ref32(*spec["args"], **spec["kwargs"]))
+    assert back.dtype == torch.float32 and rel_err(back, want32) <= 1e-5
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_to_device_on_converted_hf_decoder():
+    """`device=` arguments (arange, masks) follow `.to(device)`: on the meta device the graph runs
+    on meta inputs (on CUDA machines also to cuda and back, against the original)."""
+    spec = ARCH["llama"]
+    torch.manual_seed(0)
+    model = spec["factory"]().eval()
+    conv = ac.convert(model, spec["args"], kwargs=spec["kwargs"], preserve="exact").eval()
+    ids = spec["args"][0]
+    meta = copy.deepcopy(conv).to("meta")
+    out = main_output(meta(ids.to("meta")))
+    assert out.device.type == "meta" and out.shape == main_output(conv(ids)).shape
+    if torch.cuda.is_available():
+        cuda = copy.deepcopy(conv).cuda()
+        with torch.no_grad():
+            got = main_output(cuda(ids.cuda()))
+            want = main_output(copy.deepcopy(model).cuda()(ids.cuda(), **spec["kwargs"]))
+        assert got.is_cuda and rel_err(got.cpu(), want.cpu()) <= 1e-4
+        with torch.no_grad():
+            assert rel_err(main_output(cuda.cpu()(ids)), main_output(model(ids, **spec["kwargs"]))) <= 1e-5
+
+
+class _MixedDtypes(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(3))
+        self.lins = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(3))
+        self.register_buffer("scale", torch.ones(d, dtype=torch.float64))
+
+    def forward(self, x):
+        for n, lin in zip(self.norms, self.lins):
+            x = x + lin(n(x))
+        return x * self.scale.to(x.dtype)
+
+
+def test_to_dtype_refused_at_to_time_for_mixed_dtype_capture():
+    model = _MixedDtypes().eval()
+    x = torch.randn(2, 8)
+    conv = ac.convert(model, (x,), preserve="exact", dynamic=False).eval()
+    with pytest.raises(TypeError, match=r"several floating dtypes at conversion \(float32, float64\).*"
+                                        r"call model.to\(torch.bfloat16\) on the original model before"):
+        conv.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in conv.parameters())  # refused before anything moved
+    assert rel_err(conv(x), model(x)) <= 1e-5
 
 
 def test_channels_first_conv_stream_attends_over_channels():
@@ -341,34 +416,86 @@ def test_48_layer_llama_converts_in_time():
     assert seconds < 90, f"48-layer conversion took {seconds:.1f}s"
 
 
-# -- known gap (api.py) -----------------------------------------------------------------------------
+# -- streams that differ between train and eval mode -------------------------------------------------
 
 class _ModeDependentStream(torch.nn.Module):
     """Noise added to the stream after layer 1 in train mode only: the train graph has two
-    chains of 2 sublayers, the eval graph one chain of 4."""
+    chains of 2 sublayers, the eval graph one chain of 4. With `stable=True` a second stream
+    (its own layers, same in both modes) is added to the output."""
 
-    def __init__(self, d=8):
+    def __init__(self, d=8, stable=False):
         super().__init__()
         self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(4))
         self.lins = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(4))
+        self.stable = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(3)) if stable else None
+        self.snorm = torch.nn.LayerNorm(d)
 
     def forward(self, x):
+        y = x * 2
         for i, (n, lin) in enumerate(zip(self.norms, self.lins)):
             x = x + lin(n(x))
             if self.training and i == 1:
                 x = x + 0.01 * torch.randn_like(x)
-        return x
+        if self.stable is None:
+            return x
+        for lin in self.stable:
+            y = y + lin(self.snorm(y))
+        return x + y
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="api.convert raises RuntimeError when train and eval graphs have different streams; "
-                          "it should convert the chains both graphs share and refuse the rest with a reason")
-def test_mode_dependent_stream_is_refused_or_converted():
+def test_mode_dependent_stream_is_refused():
     model = _ModeDependentStream().eval()
     x = torch.randn(2, 8)
-    try:
-        conv = ac.convert(model, (x,), preserve="exact", dynamic=False).eval()
-    except ac.NoEligibleChainError as exc:
-        assert "train" in str(exc) and "eval" in str(exc)
-        return
-    assert rel_err(conv(x), model(x)) <= 1e-5
+    with pytest.raises(ac.NoEligibleChainError,
+                       match=r"differs between train and eval mode at lins\.0: in train mode a chain of 2 "
+                             r"sublayer\(s\) \(lins\.0 \.\. lins\.1\), in eval mode a chain of 4") as info:
+        ac.convert(model, (x,), preserve="exact", dynamic=False)
+    reasons = [r["reason"] for r in info.value.report.refused_chains]
+    assert len(reasons) == 3 and all("differs between train and eval mode" in r for r in reasons)
+    assert any(r["start"].endswith("(eval graph)") for r in info.value.report.refused_chains)
+    # the four residual adds of the train graph are left alone with that reason
+    assert sum("differs between train and eval" in la.reason for la in info.value.report.left_alone) == 4
+
+
+def test_mode_dependent_stream_converts_the_shared_chain():
+    """The stream both modes share is converted (in both graphs, one set of parameters); the
+    mode-dependent one is left alone with the reason."""
+    torch.manual_seed(0)
+    model = _ModeDependentStream(stable=True).eval()
+    x = torch.randn(2, 8)
+    conv = ac.convert(model, (x,), preserve="exact", dynamic=False).eval()
+    rep = conv.attnres_report
+    assert rep.modes == ["train", "eval"]
+    assert [c.num_sublayers for c in rep.chains] == [3]
+    assert [s.module for s in rep.chains[0].sites if s.sublayer is not None] == ["stable.0", "stable.1", "stable.2"]
+    assert len(rep.refused_chains) == 3
+    assert all("differs between train and eval mode" in r["reason"] for r in rep.refused_chains)
+    with torch.no_grad():
+        assert rel_err(conv(x), model(x)) <= 1e-5
+        for p in ac.attnres_parameters(conv).values():
+            p.normal_()  # trained queries: both graphs read the same parameters
+        conv.eval()
+        ev = conv(x)
+        conv.train()
+        torch.manual_seed(1)
+        tr = conv(x)
+    assert 0 < (tr - ev).abs().max() < 0.5  # train adds the noise, same AttnRes weights otherwise
+    sites = lambda g: sum(n.target is torch.ops.attnres.depth_attention.default for n in g.nodes)  # noqa: E731
+    assert sites(conv._graphs["train"]) == sites(conv._graphs["eval"]) == 3
+
+
+class _ModeDependentOutputs(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(3))
+        self.lins = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x):
+        for n, lin in zip(self.norms, self.lins):
+            x = x + lin(n(x))
+        return (x, x.square().mean()) if self.training else x
+
+
+def test_mode_dependent_output_structure_is_refused():
+    with pytest.raises(ac.ModeMismatchError, match=r"structure of outputs in train mode \(TreeSpec\(tuple.* and in eval mode \(\*\)"):
+        ac.convert(_ModeDependentOutputs(), (torch.randn(2, 8),), dynamic=False)

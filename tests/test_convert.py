@@ -342,3 +342,56 @@ def test_attnres_weights_alone_round_trip_and_layout_mismatch(tmp_path):
     smaller = ac.convert(TinyPreNormLM(layers=2), args, num_blocks=2)
     with pytest.raises(ValueError, match="unexpected"):  # a plain dict: checked by names and shapes
         ac.load_attnres_state_dict(smaller, ac.attnres_state_dict(conv))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_exported_program_save_load_round_trip(tmp_path, mode):
+    """torch.export of a converted module (public API, no CLI), saved with torch.export.save and
+    loaded back: same outputs, trained AttnRes weights included; the mode at export picks the
+    graph (train: dropout active)."""
+    torch.manual_seed(0)
+    model = TinyPreNormLM(dropout=0.1)
+    idx = torch.randint(0, 37, (2, 11))
+    conv = ac.convert(model, (idx,), num_blocks=2)
+    with torch.no_grad():
+        for p in ac.attnres_parameters(conv).values():
+            p.normal_()
+    conv.train(mode == "train")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(conv, (idx,), dynamic_shapes=({0: batch},), strict=False)
+    path = tmp_path / "converted.pt2"
+    torch.export.save(ep, str(path))
+    loaded = torch.export.load(str(path)).module()
+    other = torch.randint(0, 37, (3, 11))
+    for x in (idx, other):
+        torch.manual_seed(1)
+        want = conv(x)
+        torch.manual_seed(1)
+        got = loaded(x)
+        assert torch.equal(got, want)
+    ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert torch.ops.attnres.depth_attention.default in ops
+    torch.manual_seed(2)
+    varies = not torch.equal(loaded(idx), loaded(idx))
+    assert varies == (mode == "train")  # dropout active in the train-mode export only
+    if mode == "eval":
+        ref = model.eval()
+        with torch.no_grad():
+            assert not torch.allclose(loaded(idx), ref(idx))  # trained queries change the function
+
+
+def test_state_dict_of_another_layout_names_the_mismatch():
+    model, args, _, _ = tiny()
+    two = ac.convert(model, args, num_blocks=2)
+    three = ac.convert(model, args, num_blocks=3)
+    # 6 sublayers in blocks of 3 or 2: the same parameter names and shapes, another function
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}  # noqa: E731
+    assert shapes(two) == shapes(three)
+    with pytest.raises(ValueError, match="another layout .*chain 0: block_size 3 in the file, 2 here"):
+        three.load_state_dict(two.state_dict())
+    smaller = ac.convert(TinyPreNormLM(layers=2), args, num_blocks=2)
+    with pytest.raises(ValueError, match="chain 0: 6 sublayers in the file, 4 here"):
+        smaller.load_state_dict(two.state_dict())
+    # a checkpoint of the original model (no attnres.* entries) loads with strict=False
+    missing, unexpected = three.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("attnres.") for k in missing)
