@@ -5,7 +5,11 @@
 Both models are exported from one GPT (examples/gpt.py) in one run and timed alternately in
 onnxruntime (CPU provider) so that machine load hits both alike. Writes
 benchmarks/results/onnx_cpu.json and prints the ratio. The AttnRes model is timed as exported
-(function body, stock onnxruntime) and inlined (plain ops).
+(function body, stock onnxruntime), inlined (plain ops), and with the fused
+`attnres::DepthAttention` kernel registered (`ort_session(path, fused=True)`), which claims
+every DepthAttention node from the function: `attnres_fused_stacked` runs it on the exported
+graph as is (the Concat that stacks the sources stays), `attnres_fused` also drops that Concat
+(`unstack_sources`).
 """
 
 from __future__ import annotations
@@ -27,16 +31,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnres_compile  # noqa: E402
+from attnres_compile.lowering import ort_kernel  # noqa: E402
+from attnres_compile.lowering.onnx_export import count_depth_attention_nodes, ort_session  # noqa: E402
 from examples.gpt import GPT, GPTConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def session(path: str, threads: int) -> ort.InferenceSession:
+def session(path: str, threads: int, fused: bool = False, unstack: bool = True) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return ort_session(path, fused=fused, unstack=unstack, sess_options=opts)
 
 
 def time_sessions(sessions: dict, feed: dict, iters: int, warmup: int = 3) -> dict:
@@ -77,24 +83,39 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = {k: os.path.join(tmp, f"{k}.onnx") for k in ("baseline", "attnres", "attnres_inlined")}
         torch.onnx.export(model, (idx,), paths["baseline"], dynamo=True, opset_version=20, verbose=False)
-        attnres_compile.export_onnx(conv, (idx,), paths["attnres"])
+        nodes = count_depth_attention_nodes(attnres_compile.export_onnx(conv, (idx,), paths["attnres"]))
         attnres_compile.export_onnx(conv, (idx,), paths["attnres_inlined"], inline=True)
         sessions = {k: session(p, args.threads) for k, p in paths.items()}
+        fused = ort_kernel.available()
+        if fused:
+            sessions["attnres_fused_stacked"] = session(paths["attnres"], args.threads, fused=True, unstack=False)
+            sessions["attnres_fused"] = session(paths["attnres"], args.threads, fused=True)
         feed = {"idx": idx.numpy()}
-        outs = {k: s.run(None, feed)[0] for k, s in sessions.items()}
+        outs, fused_calls = {}, {}
+        for k, s in sessions.items():  # one run each; the fused kernel's call count per run
+            c0 = ort_kernel.calls() if fused else 0
+            outs[k] = s.run(None, feed)[0]
+            fused_calls[k] = ort_kernel.calls() - c0 if fused else 0
         with torch.no_grad():
             ref = conv(idx).numpy()
-        errs = {k: float(np.abs(outs[k] - ref).max() / np.abs(ref).max()) for k in ("attnres", "attnres_inlined")}
+        errs = {k: float(np.abs(outs[k] - ref).max() / np.abs(ref).max()) for k in outs if k != "baseline"}
+        load_before = os.getloadavg()[0]
         ms = time_sessions(sessions, feed, args.iters)
+        load_after = os.getloadavg()[0]
 
     result = {
         "device": "cpu",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "onnxruntime": ort.__version__,
+        "load_average_1min": [round(load_before, 2), round(load_after, 2)],  # before / after timing
         "config": vars(args) | {"sublayers": 2 * args.layers},
         "ms_per_run": ms,
         "ratio_attnres_over_baseline": ms["attnres"] / ms["baseline"],
         "ratio_inlined_over_baseline": ms["attnres_inlined"] / ms["baseline"],
+        "ratio_fused_over_baseline": ms["attnres_fused"] / ms["baseline"] if fused else None,
+        "ratio_fused_stacked_over_baseline": ms["attnres_fused_stacked"] / ms["baseline"] if fused else None,
+        "fused_kernel_calls_per_run": fused_calls,
+        "depth_attention_nodes": nodes,
         "rel_err_vs_torch": errs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,15 @@ import torch
 from torch.export import Dim
 
 import attnres_compile as ac
-from attnres_compile.lowering.onnx_export import DOMAIN, OP_TYPE, count_depth_attention_nodes
+from attnres_compile.lowering import ort_kernel
+from attnres_compile.lowering.onnx_export import (
+    DOMAIN,
+    OP_TYPE,
+    UNSTACKED_OP_TYPE,
+    count_depth_attention_nodes,
+    ort_session,
+    unstack_sources,
+)
 
 from .models import TinyPreNormLM, hf_configs, main_output
 
@@ -76,6 +84,10 @@ def test_export_parity_dynamic(name, tmp_path):
     shapes = [(2, 9), (3, 5)] if input_name != "pixel_values" else [(2, 0), (4, 0)]
     inline = ac.export_onnx(conv, args, kwargs=kwargs, dynamic_shapes=dyn, inline=True)
     assert not any(n.domain == DOMAIN for n in inline.graph.node)
+    fused = {}
+    if ort_kernel.available():  # the fused kernel, on the graph as exported and with the Concat dropped
+        fused = {unstack: ort_session(path, fused=True, unstack=unstack) for unstack in (False, True)}
+    nodes = count_depth_attention_nodes(proto)
     for b, t in shapes:
         x = make(b, t)
         with torch.no_grad():
@@ -84,6 +96,12 @@ def test_export_parity_dynamic(name, tmp_path):
             out = _ort_run(p, {input_name: x.numpy()})[0]
             err = np.abs(out - ref).max() / np.abs(ref).max()
             assert np.isfinite(out).all() and err <= 1e-4, (b, t, err)
+        for unstack, sess in fused.items():
+            calls = ort_kernel.calls()
+            out = sess.run(None, {input_name: x.numpy()})[0]
+            assert ort_kernel.calls() - calls == nodes, "the fused kernel must run once per DepthAttention node"
+            err = np.abs(out - ref).max() / np.abs(ref).max()
+            assert np.isfinite(out).all() and err <= 1e-4, (unstack, b, t, err)
 
 
 def test_exact_mode_scale_attribute():
@@ -100,3 +118,70 @@ def test_exact_mode_scale_attribute():
 def test_export_rejects_unconverted():
     with pytest.raises(TypeError, match="convert"):
         ac.export_onnx(TinyPreNormLM(), (torch.zeros(1, 3, dtype=torch.long),))
+
+
+needs_fused = pytest.mark.skipif(not ort_kernel.available(), reason="no C compiler for the fused onnxruntime kernel")
+
+
+@needs_fused
+def test_fused_kernel_claims_the_node():
+    """With the kernel registered, onnxruntime runs it instead of the function: a model whose
+    function body is sabotaged still gives the PyTorch result through the fused session only."""
+    model = TinyPreNormLM().eval()
+    idx = torch.randint(0, 37, (2, 6))
+    conv = ac.convert(model, (idx,), num_blocks=2)
+    _perturb(conv)
+    proto = ac.export_onnx(conv, (idx,))
+    fn = next(f for f in proto.functions if f.domain == DOMAIN and f.name == OP_TYPE)
+    last = fn.node[-1]  # CastLike(h, sources) -> CastLike(0 * h, sources)
+    zero = onnx.helper.make_node("Constant", [], ["sabotage_zero"], value_float=0.0)
+    mul = onnx.helper.make_node("Mul", [last.input[0], "sabotage_zero"], ["sabotage_h"])
+    last.input[0] = "sabotage_h"
+    fn.node.insert(len(fn.node) - 1, mul)
+    fn.node.insert(len(fn.node) - 2, zero)
+    with torch.no_grad():
+        ref = conv(idx).numpy()
+    stock = ort_session(proto, fused=False).run(None, {"idx": idx.numpy()})[0]
+    assert np.abs(stock - ref).max() > 1e-2  # the sabotaged body is what stock onnxruntime runs
+    nodes = count_depth_attention_nodes(proto)
+    for unstack in (False, True):
+        sess = ort_session(proto, fused=True, unstack=unstack)
+        calls = ort_kernel.calls()
+        out = sess.run(None, {"idx": idx.numpy()})[0]
+        assert ort_kernel.calls() - calls == nodes
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_fused
+def test_fused_kernel_exact_mode_and_profile(tmp_path):
+    model = TinyPreNormLM().eval()
+    idx = torch.randint(0, 37, (3, 7))
+    conv = ac.convert(model, (idx,), num_blocks=3, preserve="exact")
+    path = tmp_path / "m.onnx"
+    proto = ac.export_onnx(conv, (idx,), path)
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "prof")
+    sess = ort_session(path, fused=True, unstack=False, sess_options=opts)
+    out = sess.run(None, {"idx": idx.numpy()})[0]
+    np.testing.assert_allclose(out, model(idx).detach().numpy(), rtol=1e-4, atol=1e-5)
+    import json
+
+    events = json.loads(open(sess.end_profiling()).read())
+    ops = {e["args"].get("op_name") for e in events if e.get("cat") == "Node"}
+    assert OP_TYPE in ops and "ReduceSumSquare" not in ops  # the kernel ran, the body did not
+
+
+@needs_fused
+def test_unstack_sources_rewrite():
+    model = TinyPreNormLM().eval()
+    idx = torch.randint(0, 37, (2, 6))
+    conv = ac.convert(model, (idx,), num_blocks=2)
+    proto = ac.export_onnx(conv, (idx,))
+    nodes = count_depth_attention_nodes(proto)
+    rewritten, n = unstack_sources(proto)
+    assert n == nodes and count_depth_attention_nodes(rewritten) == 0
+    assert sum(1 for x in rewritten.graph.node if x.op_type == UNSTACKED_OP_TYPE) == nodes
+    concats = [sum(1 for x in m.graph.node if x.op_type == "Concat") for m in (proto, rewritten)]
+    assert concats[0] - concats[1] == nodes  # each node's stacking Concat is gone
+    assert count_depth_attention_nodes(proto) == nodes  # the input model is not modified

@@ -7,8 +7,9 @@ per M), the query [D] and the gain [D]; attributes `eps` and `scale`; output h [
 The exporter sees an opaque custom-domain op (so none of its passes can inline it away); the
 model-local function of the same name and domain, whose body uses standard ONNX ops only, is
 attached afterwards. Stock onnxruntime runs the function; a runtime with a fused kernel can
-claim the node by its name and domain. `inline=True` expands the function for runtimes
-without function support.
+claim the node by its name and domain: `ort_session(path, fused=True)` registers the fused
+CPU kernel of `ort_kernel.py` with onnxruntime, which then runs it in place of the function.
+`inline=True` expands the function for runtimes without function support.
 """
 
 from __future__ import annotations
@@ -129,3 +130,115 @@ def export_onnx(model: torch.nn.Module, example_inputs, path: str | os.PathLike 
 
 def count_depth_attention_nodes(proto) -> int:
     return sum(1 for n in proto.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE)
+
+
+UNSTACKED_OP_TYPE = "DepthAttentionUnstacked"  # runtime-only: see unstack_sources()
+
+
+def _int_values(name: str, graph) -> list[int] | None:
+    import onnx.numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            return [int(x) for x in onnx.numpy_helper.to_array(init).reshape(-1)]
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and list(n.output) == [name]:
+            for a in n.attribute:
+                if a.name == "value":
+                    return [int(x) for x in onnx.numpy_helper.to_array(a.t).reshape(-1)]
+                if a.name == "value_ints":
+                    return list(a.ints)
+    return None
+
+
+def unstack_sources(proto):
+    """A copy of an exported model for the fused kernel: each ``attnres::DepthAttention`` node
+    fed by ``Concat(Unsqueeze(v_1, 0), ..., Unsqueeze(v_M, 0), axis=0)`` (the pattern
+    `export_onnx` writes) becomes ``attnres::DepthAttentionUnstacked(query, norm_weight, v_1,
+    ..., v_M)``, and the Concat and Unsqueezes left without consumers are dropped, so the
+    stacked copy of the sources is never written. Only runtimes that registered the fused
+    kernel (`ort_session(..., fused=True)`) know the new op; nodes that do not match the
+    pattern are left as they are. Returns (model, number of nodes rewritten)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in graph.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
+    drop: set[int] = set()
+    rewritten = 0
+    new_nodes = []
+    for n in graph.node:
+        new_nodes.append(n)
+        if n.domain != DOMAIN or n.op_type != OP_TYPE or len(n.input) != 3:
+            continue
+        cat = producer.get(n.input[0])
+        if (cat is None or cat.op_type != "Concat" or cat.domain not in ("", "ai.onnx")
+                or [a.i for a in cat.attribute if a.name == "axis"] != [0]):
+            continue
+        unsq = [producer.get(i) for i in cat.input]
+        if not unsq or any(u is None or u.op_type != "Unsqueeze" or u.domain not in ("", "ai.onnx")
+                           or len(u.input) != 2 or _int_values(u.input[1], graph) != [0] for u in unsq):
+            continue
+        node = onnx.helper.make_node(UNSTACKED_OP_TYPE, [n.input[1], n.input[2], *[u.input[0] for u in unsq]],
+                                     list(n.output), name=n.name, domain=DOMAIN)
+        node.attribute.extend(n.attribute)
+        new_nodes[-1] = node
+        rewritten += 1
+        uses[cat.output[0]] -= 1
+        if uses[cat.output[0]] == 0:
+            drop.add(id(cat))
+            for u in unsq:
+                uses[u.output[0]] -= 1
+                if uses[u.output[0]] == 0:
+                    drop.add(id(u))
+    del graph.node[:]
+    graph.node.extend(m for m in new_nodes if id(m) not in drop)
+    used = {i for m in graph.node for i in m.input} | {o.name for o in graph.output}
+    if any(init.name not in used for init in graph.initializer):  # e.g. the Unsqueeze axes
+        keep = [init for init in graph.initializer if init.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return out, rewritten
+
+
+def ort_session(model, *, fused: bool = True, unstack: bool = True, sess_options=None, providers=None):
+    """An onnxruntime InferenceSession for an exported model.
+
+    Args:
+        model: a path to a .onnx file, its bytes, or an onnx.ModelProto.
+        fused: register the fused `attnres::DepthAttention` kernel (``ort_kernel.py``), so that
+            onnxruntime runs it for every DepthAttention node instead of the function body
+            (CPU provider, float32 models). Raises RuntimeError when the kernel cannot be built
+            (no C compiler, onnxruntime older than 1.29); ``fused=False`` is stock onnxruntime.
+        unstack: with ``fused``, also drop the Concat that stacks each node's sources
+            (`unstack_sources`; the kernel then reads the sources where they are). The model
+            on disk is not changed.
+        sess_options: an onnxruntime.SessionOptions to extend (default: a new one).
+        providers: execution providers (default: ``["CPUExecutionProvider"]``).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    opts = sess_options if sess_options is not None else ort.SessionOptions()
+    if fused:
+        from . import ort_kernel
+
+        opts.register_custom_ops_library(ort_kernel.library_path())
+        if unstack:
+            if isinstance(model, bytes):
+                model = onnx.load_from_string(model)
+            elif isinstance(model, (str, os.PathLike)):
+                model = onnx.load(os.fspath(model))
+            model, _ = unstack_sources(model)
+    if not isinstance(model, (str, bytes, os.PathLike)):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        model = os.fspath(model)
+    return ort.InferenceSession(model, opts, providers=providers or ["CPUExecutionProvider"])
