@@ -185,3 +185,29 @@ def test_unstack_sources_rewrite():
     concats = [sum(1 for x in m.graph.node if x.op_type == "Concat") for m in (proto, rewritten)]
     assert concats[0] - concats[1] == nodes  # each node's stacking Concat is gone
     assert count_depth_attention_nodes(proto) == nodes  # the input model is not modified
+
+
+@needs_fused
+def test_fused_session_falls_back_for_float16_sources():
+    """The kernel is float32 only; a float16 node runs the function body (with a warning)."""
+    import onnx.helper as oh
+
+    from attnres_compile.lowering.onnx_export import function_proto
+
+    f16 = onnx.TensorProto.FLOAT16
+    node = oh.make_node(OP_TYPE, ["s", "q", "g"], ["h"], domain=DOMAIN, eps=1e-6, scale=1.0)
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("s", f16, [3, 2, 4]),
+                                        oh.make_tensor_value_info("q", f16, [4]),
+                                        oh.make_tensor_value_info("g", f16, [4])],
+                          [oh.make_tensor_value_info("h", f16, [2, 4])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 20), oh.make_opsetid(DOMAIN, 1)],
+                          functions=[function_proto()])
+    rng = np.random.default_rng(0)
+    feed = {"s": rng.standard_normal((3, 2, 4)).astype(np.float16),
+            "q": rng.standard_normal(4).astype(np.float16), "g": np.ones(4, np.float16)}
+    stock = ort_session(model, fused=False).run(None, feed)[0]
+    with pytest.warns(UserWarning, match="float32 only"):
+        sess = ort_session(model, fused=True)
+    calls = ort_kernel.calls()
+    np.testing.assert_array_equal(sess.run(None, feed)[0], stock)
+    assert ort_kernel.calls() == calls

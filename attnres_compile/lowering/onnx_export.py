@@ -208,6 +208,20 @@ def unstack_sources(proto):
     return out, rewritten
 
 
+def _sources_dtypes(proto) -> set[int]:
+    """ONNX element types of the DepthAttention nodes' sources (0 where inference leaves one unknown)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - inference is best effort here
+        inferred = proto
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    return {types.get(n.input[0], 0) for n in g.node if n.domain == DOMAIN and n.op_type == OP_TYPE}
+
+
 def ort_session(model, *, fused: bool = True, unstack: bool = True, sess_options=None, providers=None):
     """An onnxruntime InferenceSession for an exported model.
 
@@ -217,6 +231,9 @@ def ort_session(model, *, fused: bool = True, unstack: bool = True, sess_options
             onnxruntime runs it for every DepthAttention node instead of the function body
             (CPU provider, float32 models). Raises RuntimeError when the kernel cannot be built
             (no C compiler, onnxruntime older than 1.29); ``fused=False`` is stock onnxruntime.
+            A model whose DepthAttention sources are not all float32 (or of a type shape
+            inference cannot tell) runs the function body, with a warning: onnxruntime would
+            reject such a node once the float32 kernel claims the op.
         unstack: with ``fused``, also drop the Concat that stacks each node's sources
             (`unstack_sources`; the kernel then reads the sources where they are). The model
             on disk is not changed.
@@ -230,13 +247,22 @@ def ort_session(model, *, fused: bool = True, unstack: bool = True, sess_options
     if fused:
         from . import ort_kernel
 
-        opts.register_custom_ops_library(ort_kernel.library_path())
-        if unstack:
-            if isinstance(model, bytes):
-                model = onnx.load_from_string(model)
-            elif isinstance(model, (str, os.PathLike)):
-                model = onnx.load(os.fspath(model))
-            model, _ = unstack_sources(model)
+        library = ort_kernel.library_path()
+        if isinstance(model, bytes):
+            model = onnx.load_from_string(model)
+        elif isinstance(model, (str, os.PathLike)):
+            model = onnx.load(os.fspath(model))
+        dtypes = _sources_dtypes(model) - {onnx.TensorProto.FLOAT}
+        if dtypes:
+            import warnings
+
+            names = sorted(onnx.TensorProto.DataType.Name(t) if t else "unknown" for t in dtypes)
+            warnings.warn(f"ort_session: DepthAttention sources of type {', '.join(names)}: the fused kernel "
+                          "is float32 only, running the function body", stacklevel=2)
+        else:
+            opts.register_custom_ops_library(library)
+            if unstack:
+                model, _ = unstack_sources(model)
     if not isinstance(model, (str, bytes, os.PathLike)):
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
