@@ -216,6 +216,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted relative error of the ONNX parity check (default 1e-4)")
     p.add_argument("--json", metavar="FILE", help="write the checks and the report as JSON")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plot-weights",
+                       help="draw the site x source heatmap of a converted program's depth weights",
+                       description="Load a converted program saved by `attnres convert` (or by "
+                                   "`python -m examples.train_lm`), run it on its saved example inputs "
+                                   "(or on --tokens random token ids) and draw the mean softmax weight "
+                                   "every depth-attention site puts on each source. Source labels come "
+                                   "from the .attnres.safetensors file next to the program when present.")
+    p.add_argument("checkpoint", metavar="CONVERTED_CHECKPOINT", help="a .pt2 file from torch.export.save")
+    p.add_argument("-o", "--output", metavar="FILE", help="the PNG to write (default: CHECKPOINT with .weights.png)")
+    p.add_argument("--json", metavar="FILE", help="also write the weights as JSON")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(func=cmd_plot_weights)
+
+    p = sub.add_parser("train", add_help=False,
+                       help="the training-dynamics study (examples/train_lm.py; needs a source checkout)",
+                       description="Runs examples/train_lm.py with the remaining arguments: "
+                                   "`attnres train run --variant block4`, `attnres train study`, "
+                                   "`attnres train plot`. See docs/results.md.")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -922,6 +943,70 @@ def _quiet_libraries() -> None:
     for name in ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def cmd_plot_weights(args, ui: UI) -> int:
+    import json
+
+    import torch
+
+    from .analysis import plot_depth_weights, record_sites, schedules_from_layout
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise BadInput(f"CONVERTED_CHECKPOINT {path} does not exist (expected a .pt2 from torch.export.save)")
+    with ui.step(f"loading {path}"):
+        try:
+            program = torch.export.load(path)
+        except Exception as exc:
+            raise BadInput(f"{path} is not a program saved with torch.export.save: {_first_line(exc)}") from exc
+    example = program.example_inputs
+    if example is None:
+        raise BadInput(f"{path} holds no example inputs to run the program on; re-save it with torch 2.6 or later")
+    ex_args, ex_kwargs = example
+    schedules = None
+    weights_file = path.with_suffix(".attnres.safetensors")
+    if weights_file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights_file), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "attnres_layout" in meta:
+            schedules = schedules_from_layout(json.loads(meta["attnres_layout"]))
+    with ui.step("running the program and recording the depth weights"):
+        try:
+            records = record_sites(program.module(), ex_args, ex_kwargs, schedules=schedules)
+        except ValueError as exc:
+            raise BadInput(f"{path}: {exc}") from exc
+    out = Path(args.output) if args.output else path.with_suffix(".weights.png")
+    plot_depth_weights(records, out, title=f"{path.name}: mean depth-attention weights on its example inputs")
+    if args.json:
+        _write_json(args.json, {"checkpoint": str(path), "sites": [
+            {"chain": r.chain, "site": r.name, "sublayer": r.sublayer, "sources": r.sources,
+             "weights": r.weights, "input_rms": r.input_rms} for r in records]}, ui)
+    ui.print(f"{len(records)} sites, {sum(len(r.weights) for r in records)} weights -> {out}")
+    for r in records:
+        top = max(range(len(r.weights)), key=r.weights.__getitem__)
+        ui.print(f"  chain{r.chain}.{r.name:<7} most weight on {r.sources[top]} ({r.weights[top]:.2f}) of "
+                 f"{len(r.weights)} sources")
+    return EXIT_OK
+
+
+def cmd_train(args, ui: UI) -> int:
+    root = Path(__file__).resolve().parents[1]
+    script = root / "examples" / "train_lm.py"
+    if not script.is_file():
+        raise BadInput(f"attnres train runs examples/train_lm.py from a source checkout; {script} is missing "
+                       "(install the package from its repository with pip install -e .)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from examples.train_lm import main as train_main
+
+    rest = [a for a in args.rest if a != "--"]
+    try:
+        return train_main(rest)
+    except SystemExit as exc:   # argparse inside the script: --help or an argument error
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
 
 
 def main(argv: list[str] | None = None) -> int:
