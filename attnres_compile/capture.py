@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import traceback
 from dataclasses import dataclass
 
@@ -147,6 +148,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool
 def _capture_error(model, exc: BaseException) -> CaptureError:
     name = type(model).__name__
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    # torch's symbolic-shape messages append "(unhinted: ...)" / "(Size-like symbols: ...)"
+    # internals after the condition; the user needs the condition only.
+    first = re.sub(r"\s*\((?:unhinted|Size-like symbols)(?:[^()]|\([^()]*\))*\)\.?", "", first).strip()
     where = _user_line_from_message(str(exc)) or _user_frame(exc)
     kind = type(exc).__name__
     data_dependent = any(

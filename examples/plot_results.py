@@ -143,8 +143,8 @@ def plot_loss_curves(gs: dict, path: Path) -> None:
             for c in curves:
                 ax.plot(steps, c, color=color, alpha=0.25, lw=0.8)
             label = f"{LABELS[k[1]]}" + ("" if k[1] == "baseline" else f", lr x{k[2]:g} wd {k[3]:g}")
-            ax.plot(steps, mean, color=color, lw=1.8,
-                    label=f"{label}: {mean[-1]:.4f} (n={len(rs)})")
+            final = statistics.fmean(r["final_val_loss"] for r in rs)   # 32 batches, as in the table
+            ax.plot(steps, mean, color=color, lw=1.8, label=f"{label}: final {final:.4f} (n={len(rs)})")
         # the first steps (loss ~5.5) would flatten the rest: start the axis a tenth of the way in
         lows, highs = [], []
         for k in keys:
@@ -175,6 +175,7 @@ def plot_loss_curves(gs: dict, path: Path) -> None:
 
 
 def _per_layer_panel(ax, gs, keys, field: str, ylabel: str, log: bool, stat=None) -> None:
+    """Mean over seeds of a per-sublayer list, one line per group."""
     for k in keys:
         rs = gs[k]
         rows = [r[field] for r in rs]
@@ -191,32 +192,33 @@ def _per_layer_panel(ax, gs, keys, field: str, ylabel: str, log: bool, stat=None
     ax.legend(fontsize=7)
 
 
-def plot_input_rms(gs: dict, path: Path) -> None:
+def _plot_per_layer(gs: dict, path: Path, field: str, ylabel: str, stat, title: str) -> None:
+    """One panel per model shape of a per-sublayer measurement, mean over seeds, log scale."""
     plt = _plt()
     panels = _panels(gs)
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), squeeze=False)
     for ax, (shape, keys) in zip(axes[0], panels):
-        _per_layer_panel(ax, gs, keys, "input_rms", "RMS of the sublayer's input (before its norm)", True,
-                         lambda rs: f" (last/2nd {statistics.fmean(r['input_rms'][-1] / r['input_rms'][1] for r in rs):.1f}x)")
-        ax.set_title(f"{shape}: input magnitude across depth, end of training\n"
-                     "baseline: residual stream h_l; AttnRes: depth-attention mixture", fontsize=9)
+        _per_layer_panel(ax, gs, keys, field, ylabel, True, stat)
+        ax.set_title(f"{shape}: {title}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def plot_input_rms(gs: dict, path: Path) -> None:
+    _plot_per_layer(
+        gs, path, "input_rms", "RMS of the sublayer's input (before its norm)",
+        lambda rs: f" (last/2nd {statistics.fmean(r['input_rms'][-1] / r['input_rms'][1] for r in rs):.1f}x)",
+        "input magnitude across depth, end of training\n"
+        "baseline: residual stream h_l; AttnRes: depth-attention mixture")
 
 
 def plot_grad_norms(gs: dict, path: Path) -> None:
-    plt = _plt()
-    panels = _panels(gs)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), squeeze=False)
-    for ax, (shape, keys) in zip(axes[0], panels):
-        _per_layer_panel(ax, gs, keys, "grad_norms", "gradient norm of the sublayer's parameters", True,
-                         lambda rs: f" (CV {statistics.fmean(r['grad_norm_cv'] for r in rs):.2f})")
-        ax.set_title(f"{shape}: per-sublayer gradient norm, last 20% of training\n"
-                     "(pre-clipping, mean over steps and seeds; CV = std/mean across sublayers)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _plot_per_layer(
+        gs, path, "grad_norms", "gradient norm of the sublayer's parameters",
+        lambda rs: f" (CV {statistics.fmean(r['grad_norm_cv'] for r in rs):.2f})",
+        "per-sublayer gradient norm, last 20% of training\n"
+        "(pre-clipping, mean over steps and seeds; CV = std/mean across sublayers)")
 
 
 def plot_weights(gs: dict, figures: Path) -> list[Path]:

@@ -74,38 +74,36 @@ def _check_param(name: str, t: object, dim: int, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device} but the sources are on {device}")
 
 
+def check_tensor_sequence(name: str, seq: object, count: str) -> Tensor:
+    """`seq` must be a non-empty list/tuple of floating tensors [..., D] (D >= 1) that agree in
+    shape, dtype and device; raise TypeError/ValueError naming `name[i]` otherwise. Returns seq[0]."""
+    if not isinstance(seq, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    if len(seq) == 0:
+        raise ValueError(f"{name} must contain at least one tensor ({count} >= 1), got an empty sequence")
+    for i, s in enumerate(seq):
+        if not isinstance(s, Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(s).__name__}")
+    first = seq[0]
+    if first.dim() == 0:
+        raise ValueError(f"{name}[0] must have shape [..., D] with at least one dimension, got a 0-d tensor")
+    if not first.is_floating_point():
+        raise TypeError(f"{name} must be floating-point tensors, got {name}[0] of dtype {first.dtype}")
+    if first.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last dimension D, got shape {list(first.shape)}")
+    for i, s in enumerate(seq[1:], start=1):
+        for what, mine, theirs, exc in (("shape", list(s.shape), list(first.shape), ValueError),
+                                        ("dtype", s.dtype, first.dtype, TypeError),
+                                        ("device", s.device, first.device, ValueError)):
+            if mine != theirs:
+                raise exc(f"{name}[{i}] has {what} {mine} but {name}[0] has {what} {theirs}; "
+                          f"all {name} must have the same {what}")
+    return first
+
+
 def _check_inputs(sources: object, query: object, norm_weight: object, eps: object, scale: object) -> None:
     """Raise TypeError/ValueError naming the offending argument; return None when all is well."""
-    if not isinstance(sources, (list, tuple)):
-        raise TypeError(f"sources must be a list or tuple of tensors, got {type(sources).__name__}")
-    if len(sources) == 0:
-        raise ValueError("sources must contain at least one tensor (M >= 1), got an empty sequence")
-    for i, s in enumerate(sources):
-        if not isinstance(s, Tensor):
-            raise TypeError(f"sources[{i}] must be a torch.Tensor, got {type(s).__name__}")
-    first = sources[0]
-    if first.dim() == 0:
-        raise ValueError("sources[0] must have shape [..., D] with at least one dimension, got a 0-d tensor")
-    if not first.is_floating_point():
-        raise TypeError(f"sources must be floating-point tensors, got sources[0] of dtype {first.dtype}")
-    if first.shape[-1] == 0:
-        raise ValueError(f"sources must have a non-empty last dimension D, got shape {list(first.shape)}")
-    for i, s in enumerate(sources[1:], start=1):
-        if s.shape != first.shape:
-            raise ValueError(
-                f"sources[{i}] has shape {list(s.shape)} but sources[0] has shape {list(first.shape)}; "
-                "all sources must have the same shape"
-            )
-        if s.dtype != first.dtype:
-            raise TypeError(
-                f"sources[{i}] has dtype {s.dtype} but sources[0] has dtype {first.dtype}; "
-                "all sources must have the same dtype"
-            )
-        if s.device != first.device:
-            raise ValueError(
-                f"sources[{i}] is on {s.device} but sources[0] is on {first.device}; "
-                "all sources must be on the same device"
-            )
+    first = check_tensor_sequence("sources", sources, "M")
     dim = first.shape[-1]
     _check_param("query", query, dim, first.device)
     _check_param("norm_weight", norm_weight, dim, first.device)
@@ -199,32 +197,51 @@ def _depth_attention_backward_impl(
 # compiled C fast path, falling back to the plain implementation). See ``_dispatch.py``.
 
 
-def _depth_attention_body(
-    sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
-) -> Tensor:
+def _forward(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float,
+             *, c_kernels: bool) -> Tensor:
+    """Checks, then the first available of: Triton kernel, generated C kernel (CPU), plain PyTorch."""
     _check_inputs(sources, query, norm_weight, eps, scale)
     if _dispatch.use_triton(sources[0]):
         from ..lowering import triton_kernels
 
         return triton_kernels.forward(sources, query, norm_weight, eps, scale)
-    return _depth_attention_forward_impl(sources, query, norm_weight, eps, scale)
-
-
-def _depth_attention_cpu(
-    sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
-) -> Tensor:
-    _check_inputs(sources, query, norm_weight, eps, scale)
-    if _dispatch.use_triton(sources[0]):
-        from ..lowering import triton_kernels
-
-        return triton_kernels.forward(sources, query, norm_weight, eps, scale)
-    if _FAST_CPU[0]:
+    if c_kernels and _FAST_CPU[0]:
         from ..lowering import cpu_kernels
 
         out = cpu_kernels.forward(sources, query, norm_weight, eps, scale)
         if out is not None:
             return out
     return _depth_attention_forward_impl(sources, query, norm_weight, eps, scale)
+
+
+def _backward_dispatch(grad_out: Tensor, sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float,
+                       scale: float, *, c_kernels: bool) -> tuple[list[Tensor], Tensor, Tensor]:
+    """As `_forward`, for the backward op."""
+    _check_inputs(sources, query, norm_weight, eps, scale)
+    _check_grad_out(grad_out, sources)
+    if _dispatch.use_triton(sources[0]):
+        from ..lowering import triton_kernels
+
+        return triton_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
+    if c_kernels and _FAST_CPU[0]:
+        from ..lowering import cpu_kernels
+
+        out = cpu_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
+        if out is not None:
+            return out
+    return _depth_attention_backward_impl(grad_out, sources, query, norm_weight, eps, scale)
+
+
+def _depth_attention_body(
+    sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
+) -> Tensor:
+    return _forward(sources, query, norm_weight, eps, scale, c_kernels=False)
+
+
+def _depth_attention_cpu(
+    sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
+) -> Tensor:
+    return _forward(sources, query, norm_weight, eps, scale, c_kernels=True)
 
 
 def _check_grad_out(grad_out: object, sources: list[Tensor]) -> None:
@@ -237,31 +254,13 @@ def _check_grad_out(grad_out: object, sources: list[Tensor]) -> None:
 def _depth_attention_backward_body(
     grad_out: Tensor, sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    _check_inputs(sources, query, norm_weight, eps, scale)
-    _check_grad_out(grad_out, sources)
-    if _dispatch.use_triton(sources[0]):
-        from ..lowering import triton_kernels
-
-        return triton_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
-    return _depth_attention_backward_impl(grad_out, sources, query, norm_weight, eps, scale)
+    return _backward_dispatch(grad_out, sources, query, norm_weight, eps, scale, c_kernels=False)
 
 
 def _depth_attention_backward_cpu(
     grad_out: Tensor, sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    _check_inputs(sources, query, norm_weight, eps, scale)
-    _check_grad_out(grad_out, sources)
-    if _dispatch.use_triton(sources[0]):
-        from ..lowering import triton_kernels
-
-        return triton_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
-    if _FAST_CPU[0]:
-        from ..lowering import cpu_kernels
-
-        out = cpu_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
-        if out is not None:
-            return out
-    return _depth_attention_backward_impl(grad_out, sources, query, norm_weight, eps, scale)
+    return _backward_dispatch(grad_out, sources, query, norm_weight, eps, scale, c_kernels=True)
 
 
 #: Whether CPU tensors use the compiled C kernels (``lowering/cpu_kernels.py``) when available.

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from .depth_attention import _FAST_CPU, _check_param, _compute_dtype
+from .depth_attention import _FAST_CPU, _check_param, _compute_dtype, check_tensor_sequence
 
 __all__ = [
     "depth_attention_phase1",
@@ -66,24 +66,7 @@ def _check_float(name: str, value: object, *, positive: bool) -> None:
 
 
 def _check_phase1(blocks: object, queries: object, gains: object, eps: object) -> None:
-    if not isinstance(blocks, (list, tuple)):
-        raise TypeError(f"blocks must be a list or tuple of tensors, got {type(blocks).__name__}")
-    if len(blocks) == 0:
-        raise ValueError("blocks must contain at least one tensor (N >= 1), got an empty sequence")
-    for i, b in enumerate(blocks):
-        if not isinstance(b, Tensor):
-            raise TypeError(f"blocks[{i}] must be a torch.Tensor, got {type(b).__name__}")
-    first = blocks[0]
-    if first.dim() == 0 or first.shape[-1] == 0:
-        raise ValueError(f"blocks must have shape [..., D] with D >= 1, got {list(first.shape)}")
-    if not first.is_floating_point():
-        raise TypeError(f"blocks must be floating-point tensors, got dtype {first.dtype}")
-    for i, b in enumerate(blocks[1:], start=1):
-        if b.shape != first.shape or b.dtype != first.dtype or b.device != first.device:
-            raise ValueError(
-                f"blocks[{i}] is {list(b.shape)} {b.dtype} on {b.device} but blocks[0] is "
-                f"{list(first.shape)} {first.dtype} on {first.device}; all blocks must match"
-            )
+    first = check_tensor_sequence("blocks", blocks, "N")
     dim = first.shape[-1]
     for name, t in (("queries", queries), ("gains", gains)):
         if not isinstance(t, Tensor):
