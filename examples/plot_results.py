@@ -62,13 +62,18 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def best_block_setting(runs_dir: Path, shape: str = "L8d128") -> tuple[float, float]:
-    """(lr multiplier, weight decay) of the Block AttnRes run with the lowest validation loss (seed 0)."""
-    runs = [r for r in load_runs(runs_dir)
-            if shape_of(r) == shape and r["config"]["variant"] == "block4" and r["config"]["seed"] == 0]
-    if not runs:
-        raise FileNotFoundError(f"no {shape} block4 seed-0 runs in {runs_dir}")
-    best = min(runs, key=lambda r: r["final_val_loss"])
-    return best["config"]["attnres_lr_mult"], best["config"]["attnres_wd"]
+    """(lr multiplier, weight decay) of the Block AttnRes setting with the lowest validation loss,
+    averaged over the seeds every setting ran (so no setting is favoured by a lucky seed)."""
+    by_setting = defaultdict(dict)
+    for r in load_runs(runs_dir):
+        c = r["config"]
+        if shape_of(r) == shape and c["variant"] == "block4":
+            by_setting[(c["attnres_lr_mult"], c["attnres_wd"])][c["seed"]] = r["final_val_loss"]
+    if not by_setting:
+        raise FileNotFoundError(f"no {shape} block4 runs in {runs_dir}")
+    common = set.intersection(*(set(v) for v in by_setting.values()))
+    return min(by_setting, key=lambda k: statistics.fmean(
+        v for seed, v in by_setting[k].items() if not common or seed in common))
 
 
 def summary(runs: list[dict]) -> dict:
@@ -246,23 +251,27 @@ def plot_ablation(gs: dict, path: Path) -> None:
     mults = sorted({k[2] for k in keys}, reverse=True)
     wds = sorted({k[3] for k in keys})
     grid = np.full((len(wds), len(mults)), np.nan)
+    text = {}
     for k in keys:
-        s0 = [r for r in gs[k] if r["config"]["seed"] == 0]
-        if s0:
-            grid[wds.index(k[3]), mults.index(k[2])] = s0[0]["final_val_loss"]
-    base = [r["final_val_loss"] for r in gs.get((main, "baseline", None, None), []) if r["config"]["seed"] == 0]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.3 * len(mults), 1.6 + 0.9 * len(wds)))
-    im = ax.imshow(grid - (base[0] if base else 0), cmap="RdBu_r", vmin=-0.03, vmax=0.03)
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.4f}", ha="center", va="center", fontsize=8)
+        vals = [r["final_val_loss"] for r in gs[k]]
+        i, j = wds.index(k[3]), mults.index(k[2])
+        grid[i, j] = statistics.fmean(vals)
+        spread = f"\n±{statistics.stdev(vals):.4f}" if len(vals) > 1 else ""
+        text[(i, j)] = f"{grid[i, j]:.4f}{spread}\n(n={len(vals)})"
+    base_runs = gs.get((main, "baseline", None, None), [])
+    base = statistics.fmean(r["final_val_loss"] for r in base_runs) if base_runs else None
+    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(mults), 1.8 + 1.0 * len(wds)))
+    im = ax.imshow(grid - (base or 0), cmap="RdBu_r", vmin=-0.03, vmax=0.03)
+    for (i, j), t in text.items():
+        dark = abs(grid[i, j] - (base or 0)) > 0.02
+        ax.text(j, i, t, ha="center", va="center", fontsize=7, color="white" if dark else "black")
     ax.set_xticks(range(len(mults)), [f"x{m:g}" for m in mults])
     ax.set_yticks(range(len(wds)), [f"{w:g}" for w in wds])
     ax.set_xlabel("AttnRes learning-rate multiplier")
     ax.set_ylabel("AttnRes weight decay")
-    ax.set_title(f"{main} Block AttnRes (4 blocks), seed 0: validation loss\n"
-                 + (f"colour: minus baseline {base[0]:.4f} (blue = better)" if base else ""), fontsize=9)
+    ax.set_title(f"{main} Block AttnRes (4 blocks): validation loss, mean over seeds\n"
+                 + (f"colour: minus baseline mean {base:.4f} (blue = better)" if base is not None else ""),
+                 fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
