@@ -254,7 +254,7 @@ def train(cfg: RunConfig, out_dir: Path = RUNS, console: Console | None = None, 
     console = console or Console()
     torch.set_num_threads(cfg.threads)
     corpus = load_corpus()
-    model, example = build_model(cfg)
+    model, _ = build_model(cfg)
     model.train()
     opt = make_optimizer(model, cfg)
     n_sub = 2 * cfg.n_layer
@@ -310,7 +310,8 @@ def train(cfg: RunConfig, out_dir: Path = RUNS, console: Console | None = None, 
     tail = [g for s, g in grad_log if s >= 0.8 * cfg.steps] or [grad_log[-1][1]]
     grad_mean = [statistics.fmean(col) for col in zip(*tail)]
     rms = sublayer_input_rms(model, cfg, val[:8])
-    ckpt = save_checkpoint(model, cfg, example) if checkpoint else None
+    # saved with validation text as its example inputs, so `attnres plot-weights` shows real bytes
+    ckpt = save_checkpoint(model, cfg, val[0][0][:4]) if checkpoint else None
     warm = min(10, len(step_times) // 2)
     record = {
         "name": cfg.name,
