@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     preserve_arg(p, "scale")
     p.add_argument("--inline", action="store_true",
                    help="expand each DepthAttention node into standard ONNX ops (no functions)")
+    p.add_argument("--fused", action="store_true",
+                   help="also check onnxruntime with the fused DepthAttention kernel registered "
+                        "(attnres_compile.lowering.onnx_export.ort_session; CPU, float32)")
     dynamic_arg(p, "export")
     p.add_argument("--max-rel-err", type=_positive_float, default=1e-4, metavar="X",
                    help="largest accepted relative error, onnxruntime vs PyTorch (default 1e-4)")
@@ -611,12 +614,19 @@ def onnx_feed(session, module, args: tuple, kwargs: dict) -> dict:
     raise Failed(f"cannot match the ONNX inputs {[i.name for i in inputs]} to the model's tensor inputs")
 
 
-def onnx_parity(proto, module, args: tuple, kwargs: dict) -> float:
-    """Run onnxruntime and PyTorch (module in eval mode) on one set of inputs; the max relative error."""
+def onnx_parity(proto, module, args: tuple, kwargs: dict, *, fused: bool = False) -> float:
+    """Run onnxruntime and PyTorch (module in eval mode) on one set of inputs; the max relative error.
+
+    fused: run the session with the fused DepthAttention kernel registered (`ort_session`)."""
     import onnxruntime as ort
     import torch
 
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    if fused:
+        from .lowering.onnx_export import ort_session
+
+        session = ort_session(proto, fused=True)
+    else:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, onnx_feed(session, module, args, kwargs))
     with torch.no_grad():
         ref = module(*args, **kwargs)
@@ -733,6 +743,8 @@ def _program_err(loaded, converted, args: tuple, kwargs: dict) -> float:
 def cmd_export(args, ui: UI) -> int:
     from .lowering.onnx_export import count_depth_attention_nodes, export_onnx
 
+    if args.fused and args.inline:
+        raise BadInput("--fused needs DepthAttention nodes; it cannot be combined with --inline")
     target = load_target(args, ui)
     converted = convert_target(target, args, ui, args.preserve).eval()
     out = Path(args.output)
@@ -755,11 +767,21 @@ def cmd_export(args, ui: UI) -> int:
         if dynamic:
             r_args, r_kwargs = resized_inputs(target.args, target.kwargs, dynamic, converted)
             runs.append(("resized inputs " + _shapes_text(r_args, r_kwargs), r_args, r_kwargs))
-        results = [(label, onnx_parity(proto, converted, a, k)) for label, a, k in runs]
+        sessions = [("onnxruntime", False)]
+        if args.fused:
+            try:
+                from .lowering import ort_kernel
+
+                ort_kernel.library_path()
+            except Exception as exc:
+                raise Failed(f"the fused onnxruntime kernel is unavailable: {_first_line(exc)}") from exc
+            sessions.append(("onnxruntime + fused kernel", True))
+        results = [(f"{who} vs PyTorch on {label}", onnx_parity(proto, converted, a, k, fused=fused))
+                   for who, fused in sessions for label, a, k in runs]
     for label, err in results:
         passed = err <= args.max_rel_err
         ok &= passed
-        ui.print(f"{'PASS' if passed else 'FAIL'}  onnxruntime vs PyTorch on {label}: max rel err {_fmt(err)} "
+        ui.print(f"{'PASS' if passed else 'FAIL'}  {label}: max rel err {_fmt(err)} "
                  f"(limit {args.max_rel_err:g})", style=None if passed else "red")
     return EXIT_OK if ok else EXIT_FAILED
 

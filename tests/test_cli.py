@@ -33,6 +33,8 @@ def _runs(tmp: Path) -> dict[str, list[str]]:
         "inspect_postnorm": ["inspect", f"{M}:postnorm", "--json", str(tmp / "postnorm.json")],
         "convert": ["convert", f"{M}:gpt_small", "-o", str(tmp / "out" / "gpt.pt2"), "--num-blocks", "2"],
         "export": ["export", f"{M}:gpt_small", "-o", str(tmp / "gpt.onnx"), "--dynamic", "--num-blocks", "2"],
+        "export_fused": ["export", f"{M}:gpt_small", "-o", str(tmp / "gpt_fused.onnx"), "--dynamic", "--fused"],
+        "fused_inline": ["export", f"{M}:gpt_small", "-o", str(tmp / "y.onnx"), "--fused", "--inline"],
         # bad input: exit 2, one line on stderr, no traceback
         "unknown_module": ["inspect", "no_such_package.models:gpt"],
         "missing_attr": ["check", f"{M}:no_such_factory"],
@@ -182,7 +184,21 @@ def test_export_onnx_dynamic(cli):
     assert count_depth_attention_nodes(proto) == 8  # every site with more than one source
 
 
+def test_export_fused_kernel(cli):
+    from attnres_compile.lowering import ort_kernel
+
+    if not ort_kernel.available():
+        pytest.skip("no C compiler for the fused onnxruntime kernel")
+    r = cli("export_fused")
+    _ok(r)
+    lines = [ln for ln in r.stdout.splitlines() if "vs PyTorch" in ln]
+    fused = [ln for ln in lines if "onnxruntime + fused kernel vs PyTorch" in ln]
+    assert len(lines) == 4 and len(fused) == 2, r.stdout
+    assert all(ln.startswith("PASS") for ln in lines)
+
+
 BAD_INPUT = {
+    "fused_inline": "--fused needs DepthAttention nodes; it cannot be combined with --inline",
     "unknown_module": "cannot import 'no_such_package.models': no module named 'no_such_package'",
     "missing_attr": "module 'examples.cli_models' has no attribute 'no_such_factory'",
     "not_a_model": "examples.cli_models:vocab_size is an int, not an nn.Module or a zero-argument factory",
