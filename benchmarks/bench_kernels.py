@@ -188,6 +188,15 @@ def floors(d, m, t, e):
 # --------------------------------------------------------------------------------------------
 
 
+def train_cases(device: str, quick: bool = False):
+    """(shape text, label, D, M, T, dtype) for each TRAIN_SHAPES row, with the device's token count."""
+    for label, d, m, t_cuda, t_cpu, dtype in TRAIN_SHAPES:
+        if quick and label not in QUICK:
+            continue
+        t = t_cpu if device == "cpu" else t_cuda
+        yield f"{label} D={d} M={m} T={t}", label, d, m, t, dtype
+
+
 def bench_cpu(quick: bool, reps: int, inductor: bool) -> list[Row]:
     rows: list[Row] = []
     dev = "cpu"
@@ -195,12 +204,9 @@ def bench_cpu(quick: bool, reps: int, inductor: bool) -> list[Row]:
     fast = cpu_kernels.available()
     plain_reps = max(2, reps // 3)
     eps = 1e-6
-    for label, d, m, _, t, dtype in TRAIN_SHAPES:
-        if quick and label not in QUICK:
-            continue
+    for shape, label, d, m, t, dtype in train_cases(dev, quick):
         sources, query, gain, grad = train_inputs(d, m, t, dtype, dev)
         fl = floors(d, m, t, sources[0].element_size())
-        shape = f"{label} D={d} M={m} T={t}"
         print(f"  {shape} {str(dtype)[6:]}", flush=True)
 
         def add(kernel, impl, fn, n=reps):
@@ -302,12 +308,9 @@ def bench_cuda(quick: bool, reps: int) -> list[Row]:
     dev = "cuda"
     big = BigCopy(dev, 2 << 30)
     fused = _fla()
-    for label, d, m, t, _, dtype in TRAIN_SHAPES:
-        if quick and label not in QUICK:
-            continue
+    for shape, _, d, m, t, dtype in train_cases(dev, quick):
         sources, query, gain, grad = train_inputs(d, m, t, dtype, dev)
         fl = floors(d, m, t, sources[0].element_size())
-        shape = f"{label} D={d} M={m} T={t}"
         rows.append(_row(dev, "forward", shape, dtype, "generated Triton (op)", fl["fwd"],
                          lambda: torch.ops.attnres.depth_attention(sources, query, gain, 1e-6, 1.0), big, reps))
         rows.append(_row(dev, "backward", shape, dtype, "generated Triton (op)", fl["bwd"],
@@ -334,8 +337,7 @@ def bench_cuda(quick: bool, reps: int) -> list[Row]:
 
 def unmeasured_cuda_rows() -> list[Row]:
     rows = []
-    for label, d, m, t, _, dtype in TRAIN_SHAPES:
-        shape = f"{label} D={d} M={m} T={t}"
+    for shape, _, d, m, t, dtype in train_cases("cuda"):
         e = torch.empty((), dtype=dtype).element_size()
         fl = floors(d, m, t, e)
         for kernel, impl in (("forward", "generated Triton (op)"), ("backward", "generated Triton (op)"),

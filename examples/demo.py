@@ -31,7 +31,7 @@ from rich.table import Table
 
 import attnres_compile
 from examples.data import get_batch, load_corpus
-from examples.gpt import GPT, GPTConfig, loss_fn
+from examples.gpt import GPT, GPTConfig, cosine_lr, loss_fn, param_groups
 
 
 @dataclass
@@ -56,23 +56,12 @@ def quick_config(seed: int = 0) -> RunConfig:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """nanoGPT's groups: decay matrices and embeddings, not biases, norm gains or AttnRes vectors."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    """nanoGPT's groups: the AttnRes vectors fall in the no-decay group with the norm gains."""
+    return torch.optim.AdamW(param_groups(model.parameters(), cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * coeff)
+    return cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
 
 
 class Trainer:

@@ -132,6 +132,23 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
+def param_groups(params, weight_decay: float) -> list[dict]:
+    """nanoGPT's AdamW groups: decay matrices and embeddings, not biases or norm gains."""
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_lr(step: int, lr: float, warmup: int, steps: int, min_lr_ratio: float) -> float:
+    """nanoGPT's schedule: linear warmup over `warmup` steps, then cosine decay to min_lr_ratio * lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
 def default_config() -> GPTConfig:
     return GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
 

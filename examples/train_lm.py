@@ -42,7 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import attnres_compile
 from attnres_compile.analysis import record_sites
 from examples.data import get_batch, load_corpus
-from examples.gpt import GPT, GPTConfig, loss_fn
+from examples.gpt import GPT, GPTConfig, cosine_lr, loss_fn, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -116,12 +116,9 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     """nanoGPT groups for the model's own parameters, plus one group for the AttnRes ones."""
     new = attnres_compile.attnres_parameters(model) if cfg.variant != "baseline" else {}
     new_ids = {id(p) for p in new.values()}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in new_ids:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
+    groups = param_groups((p for p in model.parameters() if id(p) not in new_ids), cfg.weight_decay)
+    for g in groups:
+        g["lr_mult"] = 1.0
     if new:
         groups.append({"params": list(new.values()), "weight_decay": cfg.attnres_wd,
                        "lr_mult": cfg.attnres_lr_mult})
@@ -129,11 +126,7 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
 
 
 def sublayer_of(name: str) -> int | None:
@@ -174,6 +167,20 @@ def evaluate(model: torch.nn.Module, batches) -> float:
     return out
 
 
+class _MeanSquare:
+    """Running sum of squares and element count of the tensors added; `rms()` of them all."""
+
+    def __init__(self):
+        self.sq, self.count = 0.0, 0
+
+    def add(self, t: torch.Tensor) -> None:
+        self.sq += float(t.detach().double().pow(2).sum())
+        self.count += t.numel()
+
+    def rms(self) -> float:
+        return math.sqrt(self.sq / self.count)
+
+
 @torch.no_grad()
 def sublayer_input_rms(model: torch.nn.Module, cfg: RunConfig, batches) -> dict:
     """RMS of what each sublayer's norm receives, per sublayer (and the final norm), on `batches`.
@@ -184,35 +191,23 @@ def sublayer_input_rms(model: torch.nn.Module, cfg: RunConfig, batches) -> dict:
     model.eval()
     n = 2 * cfg.n_layer
     if cfg.variant == "baseline":
-        sums = [[0.0, 0] for _ in range(n + 1)]
-        hooks = []
-        for i, block in enumerate(model.transformer.h):
-            for k, ln in ((2 * i, block.ln_1), (2 * i + 1, block.ln_2)):
-                hooks.append(ln.register_forward_pre_hook(
-                    lambda mod, args, k=k: sums[k].__setitem__(slice(0, 2), [
-                        sums[k][0] + float(args[0].double().pow(2).sum()), sums[k][1] + args[0].numel()])))
-        hooks.append(model.transformer.ln_f.register_forward_pre_hook(
-            lambda mod, args: sums[n].__setitem__(slice(0, 2), [
-                sums[n][0] + float(args[0].double().pow(2).sum()), sums[n][1] + args[0].numel()])))
+        acc = [_MeanSquare() for _ in range(n + 1)]
+        norms = [ln for block in model.transformer.h for ln in (block.ln_1, block.ln_2)] + [model.transformer.ln_f]
+        hooks = [ln.register_forward_pre_hook(lambda mod, args, a=a: a.add(args[0])) for ln, a in zip(norms, acc)]
         try:
             for x, _ in batches:
                 model(x)
         finally:
             for h in hooks:
                 h.remove()
-        rms = [math.sqrt(s / c) for s, c in sums]
+        rms = [a.rms() for a in acc]
         result = {"rms": rms[:n], "final": rms[n], "weights": None}
     else:
         records = record_sites(model, batches=[(x,) for x, _ in batches])
         by_sub = {r.sublayer: r for r in records}
         # Sublayer 0 reads the embedding alone (an identity site with no op): its input is b0.
-        rms = []
-        for k in range(n):
-            if k in by_sub:
-                rms.append(by_sub[k].input_rms)
-            else:
-                rms.append(None)
-        result = {"rms": rms, "final": by_sub[None].input_rms if None in by_sub else None,
+        result = {"rms": [by_sub[k].input_rms if k in by_sub else None for k in range(n)],
+                  "final": by_sub[None].input_rms if None in by_sub else None,
                   "weights": [{"site": r.name, "sublayer": r.sublayer, "sources": r.sources, "weights": r.weights}
                               for r in records]}
     if result["rms"][0] is None:   # identity site: the embedding itself
@@ -225,12 +220,10 @@ def sublayer_input_rms(model: torch.nn.Module, cfg: RunConfig, batches) -> dict:
 def _embedding_rms(model, batches) -> float:
     params = model.state_dict(keep_vars=True)   # keeps both names of the tied embedding
     wte, wpe = params["transformer.wte.weight"], params["transformer.wpe.weight"]
-    s, c = 0.0, 0
+    acc = _MeanSquare()
     for x, _ in batches:
-        e = wte[x] + wpe[: x.shape[1]]
-        s += float(e.double().pow(2).sum())
-        c += e.numel()
-    return math.sqrt(s / c)
+        acc.add(wte[x] + wpe[: x.shape[1]])
+    return acc.rms()
 
 
 def save_checkpoint(model: torch.nn.Module, cfg: RunConfig, example: torch.Tensor) -> str | None:

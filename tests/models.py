@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The refusal cases are the models the command line is tested on (examples/cli_models.py).
+from examples.cli_models import DataDependentNet, NoResidualNet  # noqa: F401
+
 
 class TinyBlock(nn.Module):
     def __init__(self, d: int, heads: int = 2, norm: str = "layer"):
@@ -92,27 +95,6 @@ class PostNormNet(nn.Module):
     def forward(self, x):
         for b in self.blocks:
             x = b(x)
-        return x
-
-
-class NoResidualNet(nn.Module):
-    def __init__(self, d=16):
-        super().__init__()
-        self.a = nn.Linear(d, d)
-        self.b = nn.Linear(d, d)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
-class DataDependentNet(nn.Module):
-    def __init__(self, d=16):
-        super().__init__()
-        self.a = nn.Linear(d, d)
-
-    def forward(self, x):
-        if x.sum() > 0:  # branches on a tensor value: untraceable by torch.export
-            return self.a(x)
         return x
 
 
