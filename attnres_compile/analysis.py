@@ -73,7 +73,6 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.by_ptr = by_ptr
         self.sums: dict[str, list] = {}   # key -> [weight sums [M], tokens, sum of squares, elements]
-        self.unknown = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -81,8 +80,7 @@ class _Recorder(TorchDispatchMode):
         if func is torch.ops.attnres.depth_attention.default:
             sources, query, norm_weight, eps = args[0], args[1], args[2], args[3]
             rec = self.by_ptr.get(query.data_ptr())
-            if rec is None:
-                self.unknown += 1
+            if rec is None:   # a query that is not an attnres parameter of this model
                 return out
             with torch.no_grad():
                 w = depth_weights(list(sources), query, norm_weight, float(eps))

@@ -378,23 +378,29 @@ def save_attnres(converted: nn.Module, path) -> None:
     save_file(tensors, str(path), metadata={"attnres_layout": json.dumps(_layout_of(converted))})
 
 
+def read_attnres_file(path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The tensors of a safetensors file from `save_attnres` and the layout it was saved for
+    (None when the file carries none); `tensors=False` reads the layout alone."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        weights = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    return weights, (json.loads(meta["attnres_layout"]) if "attnres_layout" in meta else None)
+
+
 def load_attnres_state_dict(converted: nn.Module, weights) -> None:
     """Load AttnRes parameters (a dict, or a safetensors file from save_attnres) into `converted`.
 
     Raises ValueError naming the mismatch when the weights were made for another layout
     (other block size, other model, other sites or widths).
     """
-    import json
-
     own = attnres_parameters(converted)
     layout = None
     if not isinstance(weights, dict):
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-        layout = json.loads(meta["attnres_layout"]) if "attnres_layout" in meta else None
+        weights, layout = read_attnres_file(weights)
     if layout is not None:
         mine = _layout_of(converted)
         if layout["chains"] != mine["chains"]:

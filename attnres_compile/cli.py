@@ -961,8 +961,6 @@ def _quiet_libraries() -> None:
 
 
 def cmd_plot_weights(args, ui: UI) -> int:
-    import json
-
     import torch
 
     from .analysis import plot_depth_weights, record_sites, schedules_from_layout
@@ -982,12 +980,11 @@ def cmd_plot_weights(args, ui: UI) -> int:
     schedules = None
     weights_file = path.with_suffix(".attnres.safetensors")
     if weights_file.is_file():
-        from safetensors import safe_open
+        from .api import read_attnres_file
 
-        with safe_open(str(weights_file), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "attnres_layout" in meta:
-            schedules = schedules_from_layout(json.loads(meta["attnres_layout"]))
+        _, layout = read_attnres_file(weights_file, tensors=False)
+        if layout is not None:
+            schedules = schedules_from_layout(layout)
     with ui.step("running the program and recording the depth weights"):
         try:
             records = record_sites(program.module(), ex_args, ex_kwargs, schedules=schedules)
