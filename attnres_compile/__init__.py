@@ -1,32 +1,39 @@
 """attnres-compile: retrofit Block Attention Residuals into traced PyTorch models.
 
-Pipeline: capture (torch.export) -> passes/ (find and rewrite residual streams)
+Pipeline: capture (torch.export) -> passes/ (find residual streams, fix the plan, install it)
 -> ops/ (the depth-attention op) -> lowering/ (kernels, torch.compile, ONNX).
 """
 
 from .api import (
+    ChainInfo,
+    apply_plan,
     attnres_parameters,
     attnres_state_dict,
     convert,
+    is_converted,
     load_attnres_state_dict,
     save_attnres,
 )
-from .errors import AttnResError, CaptureError, ModeMismatchError, NoEligibleChainError
+from .errors import AttnResError, CaptureError, ModeMismatchError, NoEligibleChainError, PlanMismatchError
+from .hf import from_pretrained
 from .lowering.onnx_export import export_onnx
-from .module import AttnResModule
 from .report import ConversionReport
 
 __all__ = [
     "convert",
+    "apply_plan",
+    "from_pretrained",
+    "is_converted",
+    "ChainInfo",
     "attnres_parameters",
     "export_onnx",
     "attnres_state_dict",
     "save_attnres",
     "load_attnres_state_dict",
-    "AttnResModule",
     "ConversionReport",
     "AttnResError",
     "CaptureError",
     "NoEligibleChainError",
     "ModeMismatchError",
+    "PlanMismatchError",
 ]

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .capture import capture, normalize_inputs
+from .capture import add_calls, capture, normalize_inputs
 from .errors import ModeMismatchError, NoEligibleChainError
-from .module import AttnResModule
 from .ops.site import DepthAttentionSite
 from .passes.find_chains import StreamAnalysis, analyse_streams
 from .passes.graph_utils import module_path, source_line
-from .passes.rewrite import SitePlan, plan_chain, rewrite_chain
+from .passes.plan import ConversionPlan, SitePlan, chain_owner, chain_plan, plan_chain
+from .passes.graph_rewrite import rewrite_chain
+from .passes.rewrite import install
 from .passes.schedule import resolve_block_size
 from .report import ChainReport, ConversionReport, LeftAloneReport, SiteReport
 
 PRESERVE_MODES = ("scale", "exact")
+
+
+@dataclass(frozen=True)
+class ChainInfo:
+    """What `convert(filter_fn=...)` sees of a residual chain."""
+
+    owner: str                  # module path whose forward runs the chain ('' for the root)
+    sublayers: tuple[str, ...]  # module path of each sublayer, in order
+    start: str                  # where the stream starts (source line)
+
+    @classmethod
+    def of(cls, chain) -> ChainInfo:
+        return cls(owner=chain_owner(chain), sublayers=tuple(lk.module for lk in chain.links),
+                   start=source_line(chain.start) or chain.start.name)
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -48,35 +65,59 @@ def _validate(model, num_blocks, block_size, preserve, eps) -> None:
 
 def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
             num_blocks: int | None = None, block_size: int | None = None,
-            preserve: str = "scale", eps: float | None = None, dynamic: bool = True) -> AttnResModule:
-    """Convert every PreNorm residual stream of `model` into Block Attention Residuals.
+            preserve: str = "scale", eps: float | None = None, dynamic: bool = True,
+            filter_fn=None) -> nn.Module:
+    """Convert the PreNorm residual streams of `model` into Block Attention Residuals.
+
+    The model is captured once per mode (torch.export, non-strict) on `example_inputs` to find
+    its residual streams and fix a plan; the result is a private copy of the model, of the same
+    class and module tree, that runs those streams as depth attention at every call. It takes
+    whatever the original takes (other keywords, `None`s, shapes, caches, autocast, dtype and
+    device moves, train and eval), keeps the original's methods (`generate`, `save_pretrained`)
+    and hooks, and pickles.
 
     Args:
         model: any module torch.export (non-strict) can trace. It is never modified.
-        example_inputs: positional arguments for `model.forward` (a tuple, or one tensor).
-        kwargs: keyword arguments for `model.forward` (e.g. ``{"use_cache": False}``);
-            non-tensor values are fixed in the converted model.
+        example_inputs: positional arguments for `model.forward` (a tuple, or one tensor),
+            used for the capture only.
+        kwargs: keyword arguments for the capture (e.g. ``{"attention_mask": mask}``); a
+            forward that takes `use_cache` is captured with ``use_cache=False`` unless given.
         num_blocks: N, blocks per stream (block size S = ceil(L / N) sublayers). Default 8.
         block_size: S in sublayers (each attention and each MLP is one); 1 is Full AttnRes.
         preserve: "scale" (the paper: zero queries give each sublayer the stream / M, which a
-            PreNorm consumer cannot tell apart) or "exact" (site output times M: bit-for-bit
-            the original stream at step 0 for any consumer; also admits non-PreNorm chains).
+            PreNorm consumer cannot tell apart) or "exact" (site output times M: at step 0 the
+            original stream up to float32 summation order, for any consumer; also admits
+            non-PreNorm chains).
         eps: RMS eps of every site; default the eps of the norm each site feeds, else 1e-6.
-        dynamic: capture every input dimension as `Dim.AUTO`, so the result accepts other
-            batch and sequence sizes; False specialises it to the example shapes.
+        dynamic: capture every input dimension as `Dim.AUTO` (False: the example's shapes).
+            The converted model runs on any shape either way.
+        filter_fn: ``filter_fn(chain) -> bool`` chooses which chains to convert; `chain` is a
+            `ChainInfo` (module paths of its sublayers, owner, start). The rest are reported
+            "not selected".
 
     Returns:
-        An AttnResModule owning copies of the model's parameters plus `attnres.*`, with
-        `.attnres_report` describing chains, sites, blocks and every add left alone.
+        The converted copy. `converted.attnres` holds the new parameters
+        (`attnres.chain<c>.<site>.{query,norm_weight}`), the plan and the report;
+        `converted.attnres_report` is the ConversionReport.
     """
     _validate(model, num_blocks, block_size, preserve, eps)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable (chain -> bool), got {type(filter_fn).__name__}")
     args, kwargs = normalize_inputs(example_inputs, kwargs)
+    if hasattr(model, "attnres") and isinstance(getattr(model, "attnres"), AttnResParameters):
+        raise TypeError(f"{type(model).__name__} is already converted by attnres_compile; convert the original")
     name = type(model).__name__
+    kwargs = _capture_kwargs(model, kwargs)
+    if isinstance(model, torch.fx.GraphModule):
+        return _convert_graph_module(model, args, kwargs, num_blocks=num_blocks, block_size=block_size,
+                                     preserve=preserve, eps=eps, filter_fn=filter_fn)
 
-    # One private copy serves both captures, so both graphs read the same parameter objects.
     work = copy.deepcopy(model)
+    was_training = model.training
     train_cap = capture(work, args, kwargs, training=True, copy_model=False, dynamic=dynamic)
     eval_cap = capture(work, args, kwargs, training=False, copy_model=False, dynamic=dynamic)
+    _restore_forward(work)
+    work.train(was_training)
     train_gm, eval_gm = train_cap.module, eval_cap.module
     same = train_gm.code == eval_gm.code
     if same:
@@ -91,65 +132,184 @@ def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
                           else ("outputs", train_gm._out_spec, eval_gm._out_spec))
             raise ModeMismatchError(
                 f"cannot convert {name}: its forward has a different structure of {what} in train mode "
-                f"({' '.join(str(t).split())}) and in eval mode ({' '.join(str(e).split())}); convert() captures "
-                f"both modes and serves the one matching .training, so both must take and return the same structure"
+                f"({' '.join(str(t).split())}) and in eval mode ({' '.join(str(e).split())}); one conversion "
+                f"serves both modes, so both must take and return the same structure"
             )
         mode_refused, eval_refused, pairs = _match_modes(train_an, eval_an, preserve, num_blocks, block_size, eps)
     else:
         pairs = {}
     chains, plans, refused = _select(train_an, preserve, num_blocks, block_size, eps, skip=mode_refused,
-                                     pairs=pairs)
+                                     pairs=pairs, filter_fn=filter_fn)
     refused += mode_refused
     report = _report(name, train_an, chains, plans, refused, preserve, num_blocks, block_size, same,
                      eval_refused=eval_refused)
     if not chains:
         raise NoEligibleChainError(_no_chain_message(name, train_an, refused, preserve), report)
 
-    attnres = _build_parameters(plans)
-    attnres.layout = _report_layout(report)
-    train_gm.add_module("attnres", attnres)
-    for (chain, block), chain_plans in zip(chains, plans):
-        rewrite_chain(train_gm, chain, chain_plans, block)
-    if eval_gm is not None:
-        # The eval chain matching each converted train chain, planned with the same index.
-        e_chains, e_plans = [], []
-        for (chain, s), chain_plans in zip(chains, plans):
-            e_chain = pairs[id(chain)]  # every converted chain has its eval partner
-            e_chains.append((e_chain, s))
-            e_plans.append(plan_chain(e_chain, chain_plans[0].chain, s, preserve=preserve, eps=eps))
-        if _layout(e_plans) != _layout(plans):  # _match_modes compared them: cannot happen
-            raise AssertionError("internal error: train and eval plans differ after matching")
-        eval_gm.add_module("attnres", attnres)
-        for (chain, block), chain_plans in zip(e_chains, e_plans):
-            rewrite_chain(eval_gm, chain, chain_plans, block)
-    for gm in (train_gm, eval_gm):
-        if gm is not None:
-            gm.graph.eliminate_dead_code(is_impure_node=_keep_impure)
-            gm.graph.lint()
-    constant_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
-    out = AttnResModule(train_gm, eval_gm, report, constant_kwargs, name)
-    out.train(model.training)
+    calls = add_calls(train_gm.graph, train_cap.adds)
+    plan = ConversionPlan(model=name, preserve=preserve, chains=[
+        chain_plan(chain, cp[0].chain, s, cp, calls, root=work) for (chain, s), cp in zip(chains, plans)])
+    _check_checkpoint_regions(plan, chains, report)
+    return apply_plan(work, plan, report=report)
+
+
+def _convert_graph_module(gm, args, kwargs, *, num_blocks, block_size, preserve, eps, filter_fn):
+    """A torch.fx GraphModule (e.g. the graph Dynamo hands the `attnres` backend) is its own
+    program: its captured ATen graph is rewritten node by node (passes/graph_rewrite.py) and
+    returned, with the AttnRes parameters as its `attnres` submodule."""
+    name = type(gm).__name__
+    cap = capture(gm, args, kwargs, training=gm.training, dynamic=False)
+    out = cap.module
+    analysis = analyse_streams(out.graph)
+    chains, plans, refused = _select(analysis, preserve, num_blocks, block_size, eps, filter_fn=filter_fn)
+    report = _report(name, analysis, chains, plans, refused, preserve, num_blocks, block_size, True)
+    if not chains:
+        raise NoEligibleChainError(_no_chain_message(name, analysis, refused, preserve), report)
+    plan = ConversionPlan(model=name, preserve=preserve, chains=[
+        chain_plan(chain, cp[0].chain, s, cp, root=out) for (chain, s), cp in zip(chains, plans)])
+    params = _build_parameters(plan)
+    params.layout, params.plan, params.report = _plan_layout(plan), plan, report
+    out.add_module("attnres", params)
+    for (chain, s), chain_plans in zip(chains, plans):
+        rewrite_chain(out, chain, chain_plans, s)
+    out.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure())
+    out.graph.lint()
+    out.recompile()
+    out.attnres_report = report
     return out
 
 
-def _keep_impure(node) -> bool:
-    return node.is_impure()
+def apply_plan(model: nn.Module, plan: ConversionPlan, *, report: ConversionReport | None = None) -> nn.Module:
+    """Install a conversion plan on `model` in place (no capture): the new parameters at their
+    initial values, the runtime that serves them. `convert()` and `from_pretrained()` use it;
+    call it on a model built like the one the plan was made for."""
+    if "attnres" in model._modules or hasattr(type(model), "attnres"):
+        raise TypeError(f"{type(model).__name__} already has an attribute 'attnres'; cannot convert it")
+    if type(model) is nn.Sequential:
+        # Sequential runs every child in order: one that skips the attnres child (same class otherwise)
+        model.__class__ = AttnResSequential
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    params = _build_parameters(plan, device=ref.device if ref is not None else None)
+    params.layout = _plan_layout(plan)
+    model.add_module("attnres", params)
+    params.plan = plan
+    params.report = report
+    params.runtime = install(model, plan, params)
+    if report is not None:
+        model.attnres_report = report
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config.attnres = plan.to_dict()  # save_pretrained writes it; from_pretrained rebuilds from it
+    return model
+
+
+class AttnResSequential(nn.Sequential):
+    """A converted `nn.Sequential`: runs, counts and indexes its layers without the `attnres` child."""
+
+    def _layers(self):
+        return [m for k, m in self._modules.items() if k != "attnres"]
+
+    def forward(self, input):
+        for module in self._layers():
+            input = module(input)
+        return input
+
+    def __iter__(self):
+        return iter(self._layers())
+
+    def __len__(self):
+        return len(self._layers())
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return nn.Sequential(*self._layers()[idx])
+        return self._layers()[idx]
+
+
+def _capture_kwargs(model: nn.Module, kwargs: dict) -> dict:
+    """The capture's keywords: `use_cache=False` where forward takes it (a cache in the outputs is
+    no residual stream, and caches need pytree registrations to export)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params and "use_cache" not in kwargs:
+        kwargs = {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def _restore_forward(model: nn.Module) -> None:
+    """Undo capture's keyword-naming forward on the private copy (capture.py)."""
+    fwd = model.__dict__.get("forward")
+    if fwd is not None and hasattr(fwd, "_attnres_wrapped"):
+        del model.forward
+
+
+def _check_checkpoint_regions(plan: ConversionPlan, chains, report: ConversionReport) -> None:
+    """Links inside a torch.utils.checkpoint region that the runtime cannot reach at recompute
+    (not a module call, not Hugging Face's layer checkpointing): warn, naming the region."""
+    import warnings
+
+    for (chain, _), cp in zip(chains, plan.chains):
+        for link, lp in zip(chain.links, cp.links):
+            trace = link.add.meta.get("stack_trace") or ""
+            if "torch/utils/checkpoint.py" not in trace:
+                continue
+            frames = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith('File "')]
+            after = False
+            inner = []
+            for f in frames:
+                if "torch/utils/checkpoint.py" in f:
+                    after = True
+                    inner = []
+                    continue
+                if after:
+                    inner.append(f)
+            if any("torch/nn/modules/module.py" in f or "modeling_layers.py" in f for f in inner[:3]):
+                continue
+            msg = (f"chain {cp.index}, sublayer {lp.sublayer}: its residual add runs inside an activation "
+                   f"checkpoint of a plain function ({inner[0] if inner else 'unknown'}); its recompute in "
+                   f"backward would run the original add. Checkpoint a module instead "
+                   f"(torch.utils.checkpoint.checkpoint(module, ...) or checkpoint_wrapper)")
+            report.warnings.append(msg)
+            warnings.warn(msg, stacklevel=3)
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether `model` (or a wrapper of it, e.g. a PEFT model) holds an attnres conversion."""
+    return _find_params(model) is not None
+
+
+def _find_params(model: nn.Module):
+    if not isinstance(model, nn.Module):
+        return None
+    for m in model.modules():
+        if isinstance(m, AttnResParameters):
+            return m
+    return None
 
 
 def attnres_parameters(converted: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters `convert()` added, by name (for their own optimizer group)."""
-    if not isinstance(converted, AttnResModule):
-        raise TypeError(f"expected a module returned by attnres_compile.convert(), got {type(converted).__name__}")
-    return {f"attnres.{n}": p for n, p in converted.attnres.named_parameters()}
+    """The parameters `convert()` added, by their names in `converted` (for their own optimizer
+    group). Works on a converted model and on wrappers of it (PEFT, DDP)."""
+    own = _find_params(converted)
+    if own is None:
+        raise TypeError(f"expected a model converted by attnres_compile.convert(), got {type(converted).__name__}")
+    ids = {id(p) for p in own.parameters()}
+    return {n: p for n, p in converted.named_parameters(remove_duplicate=False) if id(p) in ids}
 
 
 # -- helpers -----------------------------------------------------------------------------------
 
-def _select(analysis: StreamAnalysis, preserve, num_blocks, block_size, eps, skip=(), pairs=None):
+def _select(analysis: StreamAnalysis, preserve, num_blocks, block_size, eps, skip=(), pairs=None,
+            filter_fn=None):
     skip_ids = {id(c) for c, _ in skip}
     chains, plans, refused = [], [], []
     for chain in analysis.chains:
         if id(chain) in skip_ids:
+            continue
+        if filter_fn is not None and not filter_fn(ChainInfo.of(chain)):
+            refused.append((chain, "not selected (filter_fn returned False)"))
             continue
         if not chain.is_prenorm and preserve != "exact":
             refused.append((chain, f"not PreNorm: {chain.prenorm_reason}; convert it with preserve='exact'"))
@@ -237,11 +397,28 @@ class AttnResParameters(nn.Module):
     block size, other model) into a conversion fails with the mismatch named."""
 
     layout: dict | None = None
+    plan: ConversionPlan | None = None   # what convert() decided (passes/plan.py)
+    report: object = None                # the ConversionReport (None after from_pretrained)
+    runtime: object = None               # the installed plan (passes/rewrite.py)
+
+    def extra_repr(self) -> str:
+        if self.plan is None:
+            return ""
+        sites = sum(1 for c in self.plan.chains for s in c.sites if s.param_prefix)
+        return f"chains={len(self.plan.chains)}, sites={sites}, preserve={self.plan.preserve!r}"
 
     def get_extra_state(self):
-        return self.layout
+        # A uint8 tensor of the layout's JSON, not a dict: safetensors (save_pretrained) and
+        # torch.distributed.checkpoint store tensors only.
+        import json
+
+        return torch.frombuffer(bytearray(json.dumps(self.layout).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
+        if isinstance(state, torch.Tensor):
+            import json
+
+            state = json.loads(bytes(state.cpu().tolist()).decode())
         if state is None or self.layout is None:
             return
         if state["chains"] != self.layout["chains"]:
@@ -261,18 +438,18 @@ def _layout_diff(saved: dict, mine: dict) -> str:
     return "; ".join(diffs) or "the sites differ"
 
 
-def _build_parameters(plans: list[list[SitePlan]]) -> nn.Module:
+def _build_parameters(plan: ConversionPlan, device=None) -> nn.Module:
     root = AttnResParameters()
-    for chain_plans in plans:
+    for cp in plan.chains:
         chain_mod = nn.Module()
-        for p in chain_plans:
+        for p in cp.sites:
             if p.param_prefix is None:
                 continue
             chain_mod.add_module(p.name, DepthAttentionSite(
                 p.dim, num_sources=p.schedule.num_sources, eps=p.eps, scale=p.scale,
-                dtype=p.dtype, device=p.device,
+                dtype=p.dtype, device=device if device is not None else p.device,
             ))
-        root.add_module(f"chain{chain_plans[0].chain}", chain_mod)
+        root.add_module(f"chain{cp.index}", chain_mod)
     return root
 
 
@@ -346,26 +523,37 @@ def _no_chain_message(name, analysis, refused, preserve) -> str:
 
 # -- the AttnRes parameters alone ----------------------------------------------------------------
 
-def _layout_of(converted: AttnResModule) -> dict:
+def _layout_of(converted: nn.Module) -> dict:
     """What a set of AttnRes weights fits: the sites, their source counts and widths."""
-    return _report_layout(converted.attnres_report)
+    own = _find_params(converted)
+    if own is None:
+        raise TypeError(f"expected a model converted by attnres_compile.convert(), got {type(converted).__name__}")
+    return own.layout
 
 
-def _report_layout(rep: ConversionReport) -> dict:
+def _plan_layout(plan: ConversionPlan) -> dict:
     return {
-        "model": rep.model,
-        "preserve": rep.preserve,
+        "model": plan.model,
+        "preserve": plan.preserve,
         "chains": [
-            {"block_size": c.block_size, "num_sublayers": c.num_sublayers,
-             "sites": {s.name: s.num_sources for s in c.sites if s.parameters}}
-            for c in rep.chains
+            {"block_size": c.block_size, "num_sublayers": len(c.links),
+             "sites": {s.name: s.schedule.num_sources for s in c.sites if s.param_prefix}}
+            for c in plan.chains
         ],
     }
 
 
 def attnres_state_dict(converted: nn.Module) -> dict[str, torch.Tensor]:
     """The AttnRes parameters alone (`attnres.chain<c>.<site>.{query,norm_weight}`), detached."""
-    return {n: p.detach() for n, p in attnres_parameters(converted).items()}
+    return {n: p.detach() for n, p in _own_parameters(converted).items()}
+
+
+def _own_parameters(converted: nn.Module) -> dict[str, nn.Parameter]:
+    """The AttnRes parameters named `attnres.chain<c>.<site>.*`, wherever the module sits."""
+    own = _find_params(converted)
+    if own is None:
+        raise TypeError(f"expected a model converted by attnres_compile.convert(), got {type(converted).__name__}")
+    return {f"attnres.{n}": p for n, p in own.named_parameters()}
 
 
 def save_attnres(converted: nn.Module, path) -> None:
@@ -397,7 +585,7 @@ def load_attnres_state_dict(converted: nn.Module, weights) -> None:
     Raises ValueError naming the mismatch when the weights were made for another layout
     (other block size, other model, other sites or widths).
     """
-    own = attnres_parameters(converted)
+    own = _own_parameters(converted)
     layout = None
     if not isinstance(weights, dict):
         weights, layout = read_attnres_file(weights)

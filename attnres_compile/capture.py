@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.export import Dim
 from torch.fx import GraphModule
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
@@ -25,6 +27,84 @@ from .errors import CaptureError
 class Captured:
     module: GraphModule         # unlifted graph module (parameters as attributes)
     training: bool
+    adds: list = field(default_factory=list)  # AddCall per add the trace ran, in order
+
+
+@dataclass(frozen=True)
+class AddCall:
+    """Where one add call ran, as the converted model will see it at call time."""
+
+    file: str
+    line: int
+    lasti: int         # bytecode offset: a line can hold several adds
+    container: str     # path of the module whose forward frame (or a caller's) ran it
+
+
+class _AddRecorder(TorchFunctionMode):
+    """Records where each `add` call runs while torch.export traces the model.
+
+    A graph node's stack trace names a line, and the line's text; a line can hold several adds
+    (`h = mlp_out + attn_out + h`: the first is no residual add, the second is), and a graph
+    module's code runs at other lines than the ones its nodes' traces quote. Non-strict export
+    runs the model's Python, so this mode sees each add as it is traced, in graph order;
+    `add_calls` pairs the calls with the graph's add nodes.
+    """
+
+    def __init__(self, root: torch.nn.Module):
+        super().__init__()
+        self.paths = {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
+        self.adds: list[AddCall] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _add_funcs():
+            f = sys._getframe(1)
+            while f is not None and f.f_code.co_name == "__torch_function__":  # export's own mode
+                f = f.f_back
+            if f is not None:
+                container, g = None, f
+                for _ in range(8):
+                    if g is None:
+                        break
+                    container = self.paths.get(id(g.f_locals.get("self")))
+                    if container is not None:
+                        break
+                    g = g.f_back
+                self.adds.append(AddCall(f.f_code.co_filename, f.f_lineno, f.f_lasti, container or ""))
+        return func(*args, **(kwargs or {}))
+
+
+def _add_funcs():
+    from .passes.rewrite import _ADD_FUNCS
+
+    return _ADD_FUNCS
+
+
+def add_calls(graph, adds: list[AddCall]) -> dict:
+    """{add node: AddCall}: the recorded calls paired with the graph's add nodes, in order.
+
+    Every add call makes one add node, so when the counts agree they pair in order. Otherwise
+    (an op that adds inside a decomposition) they pair line by line where a line's counts agree.
+    """
+    from .passes.graph_utils import ADD_OPS, INPLACE_ADD_OPS, call_site
+
+    nodes = [n for n in graph.nodes
+             if n.op == "call_function" and (n.target in ADD_OPS or n.target in INPLACE_ADD_OPS)]
+    if len(nodes) == len(adds):
+        return dict(zip(nodes, adds))
+    by_line: dict[tuple[str, int], list[AddCall]] = {}
+    for a in adds:
+        by_line.setdefault((a.file, a.line), []).append(a)
+    by_node_line: dict[tuple[str, int], list] = {}
+    for n in nodes:
+        site = call_site(n)
+        if site is not None:
+            by_node_line.setdefault((site[0], site[1]), []).append(n)
+    out = {}
+    for key, ns in by_node_line.items():
+        rec = by_line.get(key, [])
+        if len(rec) == len(ns):
+            out.update(zip(ns, rec))
+    return out
 
 
 def normalize_inputs(example_inputs, kwargs) -> tuple[tuple, dict]:
@@ -138,11 +218,13 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool
     if dynamic:
         _name_var_keywords(model, kwargs)
     dynamic_shapes = _auto_dims(model, args, kwargs) if dynamic else None
+    recorder = _AddRecorder(model)
     try:
-        ep = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        with recorder:
+            ep = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # export raises many types; the user needs one clear message
         raise _capture_error(model, exc) from exc
-    return Captured(ep.module(), training)
+    return Captured(ep.module(), training, recorder.adds)
 
 
 def _capture_error(model, exc: BaseException) -> CaptureError:

@@ -437,9 +437,16 @@ def _one_line(text: str) -> str:
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    line = lines[0] if lines else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    from .errors import first_line
+
+    return first_line(exc, limit)
+
+
+def _v():
+    """attnres_compile.verify, imported on first use (it imports torch)."""
+    from . import verify
+
+    return verify
 
 
 # -- shared helpers --------------------------------------------------------------------------------------
@@ -450,61 +457,6 @@ def convert_target(target: Target, args, ui: UI, preserve: str):
     with ui.step(f"converting {target.name} (capture with torch.export, train and eval)"):
         return convert(target.model, target.args, kwargs=target.kwargs, num_blocks=args.num_blocks,
                        block_size=args.block_size, preserve=preserve)
-
-
-def main_output(out):
-    """The tensor to compare: the output itself, logits, last_hidden_state, else the first tensor."""
-    import torch
-    from torch.utils import _pytree as pytree
-
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if value is None and isinstance(out, dict):
-            value = out.get(key)
-        if isinstance(value, torch.Tensor):
-            return value
-    for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, torch.Tensor):
-            return leaf
-    raise Failed(f"the model's output ({type(out).__name__}) holds no tensor to compare")
-
-
-def tensor_leaves(out) -> list:
-    import torch
-    from torch.utils import _pytree as pytree
-
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def rel_err(out, ref) -> float:
-    """max |out - ref| / max |ref| in float64 (inf when shapes differ or anything is not finite)."""
-    import numpy as np
-    import torch
-
-    a = out.detach().double().cpu() if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out)).double()
-    b = ref.detach().double().cpu() if isinstance(ref, torch.Tensor) else torch.from_numpy(np.asarray(ref)).double()
-    if a.shape != b.shape or not torch.isfinite(a).all() or not torch.isfinite(b).all():
-        return math.inf
-    if a.numel() == 0:
-        return 0.0
-    scale = b.abs().max().item()
-    diff = (a - b).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-def _fmt(x: float) -> str:
-    return "inf" if math.isinf(x) else ("0" if x == 0 else f"{x:.2e}")
-
-
-def _bound(module, args: tuple, kwargs: dict):
-    sig = inspect.signature(module.forward)
-    try:
-        bound = sig.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise Failed(f"the example inputs do not fit {type(module).__name__}.forward: {exc}") from exc
-    return sig, bound
 
 
 def dynamic_shapes_for(module, args: tuple, kwargs: dict) -> dict:
@@ -533,7 +485,7 @@ def dynamic_shapes_for(module, args: tuple, kwargs: dict) -> dict:
             s[1] = dim("seq", x.shape[1])
         return s
 
-    sig, bound = _bound(module, args, kwargs)
+    sig, bound = _v().bound_arguments(module, args, kwargs)
     out = {}
     for name, value in bound.arguments.items():
         kind = sig.parameters[name].kind
@@ -550,7 +502,7 @@ def resized_inputs(args: tuple, kwargs: dict, dynamic: dict, module):
     """Inputs of other sizes along the dynamic dims (batch + 1, seq - 1), values like the examples."""
     import torch
 
-    sig, bound = _bound(module, args, kwargs)
+    sig, bound = _v().bound_arguments(module, args, kwargs)
     new_size = {}
     g = torch.Generator().manual_seed(1)
 
@@ -597,45 +549,6 @@ def _resize_tree(resize, value, spec):
     return value
 
 
-def onnx_feed(session, module, args: tuple, kwargs: dict) -> dict:
-    """Map the ONNX graph inputs to the tensors of (args, kwargs): by name, else by order."""
-    sig, bound = _bound(module, args, kwargs)
-    named, ordered = {}, []
-    for name, value in bound.arguments.items():
-        leaves = tensor_leaves(value)
-        ordered.extend(leaves)
-        if len(leaves) == 1:
-            named[name] = leaves[0]
-    inputs = session.get_inputs()
-    if all(i.name in named for i in inputs):
-        return {i.name: named[i.name].detach().cpu().numpy() for i in inputs}
-    if len(inputs) == len(ordered):
-        return {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, ordered)}
-    raise Failed(f"cannot match the ONNX inputs {[i.name for i in inputs]} to the model's tensor inputs")
-
-
-def onnx_parity(proto, module, args: tuple, kwargs: dict, *, fused: bool = False) -> float:
-    """Run onnxruntime and PyTorch (module in eval mode) on one set of inputs; the max relative error.
-
-    fused: run the session with the fused DepthAttention kernel registered (`ort_session`)."""
-    import onnxruntime as ort
-    import torch
-
-    if fused:
-        from .lowering.onnx_export import ort_session
-
-        session = ort_session(proto, fused=True)
-    else:
-        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, onnx_feed(session, module, args, kwargs))
-    with torch.no_grad():
-        ref = module(*args, **kwargs)
-    leaves = tensor_leaves(ref)
-    if len(leaves) == len(got):
-        return max(rel_err(torch.from_numpy(g), r) for g, r in zip(got, leaves))
-    return rel_err(torch.from_numpy(got[0]), main_output(ref))
-
-
 def _write_json(path: str, data: dict, ui: UI) -> None:
     p = Path(path)
     if p.parent and not p.parent.exists():
@@ -651,10 +564,6 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     return repr(obj)
-
-
-def _jsonable_float(x: float):
-    return None if math.isnan(x) else ("inf" if math.isinf(x) else x)
 
 
 def _summary(report) -> str:
@@ -724,7 +633,7 @@ def cmd_convert(args, ui: UI) -> int:
         passed = err <= args.max_rel_err
         ok &= passed
         ui.print(f"{'PASS' if passed else 'FAIL'}  torch.export.load(program) vs converted module on {label}: "
-                 f"max rel err {_fmt(err)} (limit {args.max_rel_err:g})", style=None if passed else "red")
+                 f"max rel err {_v().fmt(err)} (limit {args.max_rel_err:g})", style=None if passed else "red")
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -734,10 +643,10 @@ def _program_err(loaded, converted, args: tuple, kwargs: dict) -> float:
     with torch.no_grad():
         ref = converted(*args, **kwargs)
         got = loaded(*args, **kwargs)
-    ref_l, got_l = tensor_leaves(ref), tensor_leaves(got)
+    ref_l, got_l = _v().tensor_leaves(ref), _v().tensor_leaves(got)
     if len(ref_l) == len(got_l):
-        return max(rel_err(g, r) for g, r in zip(got_l, ref_l))
-    return rel_err(main_output(got), main_output(ref))
+        return max(_v().rel_err(g, r) for g, r in zip(got_l, ref_l))
+    return _v().rel_err(_v().main_output(got), _v().main_output(ref))
 
 
 def cmd_export(args, ui: UI) -> int:
@@ -776,12 +685,12 @@ def cmd_export(args, ui: UI) -> int:
             except Exception as exc:
                 raise Failed(f"the fused onnxruntime kernel is unavailable: {_first_line(exc)}") from exc
             sessions.append(("onnxruntime + fused kernel", True))
-        results = [(f"{who} vs PyTorch on {label}", onnx_parity(proto, converted, a, k, fused=fused))
+        results = [(f"{who} vs PyTorch on {label}", _v().onnx_parity(proto, converted, a, k, fused=fused))
                    for who, fused in sessions for label, a, k in runs]
     for label, err in results:
         passed = err <= args.max_rel_err
         ok &= passed
-        ui.print(f"{'PASS' if passed else 'FAIL'}  {label}: max rel err {_fmt(err)} "
+        ui.print(f"{'PASS' if passed else 'FAIL'}  {label}: max rel err {_v().fmt(err)} "
                  f"(limit {args.max_rel_err:g})", style=None if passed else "red")
     return EXIT_OK if ok else EXIT_FAILED
 
@@ -795,153 +704,38 @@ def _dyn_text(dynamic: dict) -> str:
 
 
 def _shapes_text(args: tuple, kwargs: dict) -> str:
-    return ", ".join("x".join(str(s) for s in t.shape) for t in tensor_leaves((args, kwargs)))
-
-
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    value: object
-    limit: object
-    detail: str
-
-
-def _check_sites(report, expect) -> Check:
-    n = report.num_sites
-    return Check("sites", n == expect, n, expect, f"{n} (expected {expect})")
-
-
-def _check_equivalence(target: Target, converted, limit: float, preserve: str) -> Check:
-    import torch
-
-    model = target.model
-    was = model.training
-    model.eval()
-    converted.eval()
-    try:
-        with torch.no_grad():
-            ref = main_output(model(*target.args, **target.kwargs))
-            out = main_output(converted(*target.args, **target.kwargs))
-    finally:
-        model.train(was)
-    err = rel_err(out, ref)
-    return Check("step-0 equivalence", err <= limit, _jsonable_float(err), limit,
-                 f"max rel err {_fmt(err)} (limit {limit:g}), eval mode, preserve={preserve!r}")
-
-
-def _check_gradients(target: Target, converted) -> Check:
-    import torch
-
-    from . import attnres_parameters
-
-    params = attnres_parameters(converted)
-    if not params:
-        return Check("gradient flow", True, 0, None, "no new parameters (every site is the identity)")
-    converted.train()
-    converted.zero_grad(set_to_none=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        out = main_output(converted(*target.args, **target.kwargs))
-        # A fixed random projection of the output: a plain sum can have an identically zero
-        # gradient (e.g. outputs that are softmax probabilities), a random one does not.
-        weight = torch.randn(out.shape, dtype=torch.float32).to(out.device)
-    (out.float() * weight).sum().backward()
-    queries = {n: p for n, p in params.items() if n.endswith(".query")}
-    gains = {n: p for n, p in params.items() if not n.endswith(".query")}
-    bad_q, sizes = [], []
-    for n, p in queries.items():
-        g = p.grad
-        if g is None or not torch.isfinite(g).all() or g.abs().max().item() == 0:
-            bad_q.append(f"{n} ({'no grad' if g is None else 'not finite' if not torch.isfinite(g).all() else 'zero'})")
-        else:
-            sizes.append(g.abs().max().item())
-    bad_g = [f"{n} ({'no grad' if p.grad is None else 'not finite'})" for n, p in gains.items()
-             if p.grad is None or not torch.isfinite(p.grad).all()]
-    converted.zero_grad(set_to_none=True)
-    converted.eval()
-    ok = not bad_q and not bad_g
-    detail = (f"{len(queries) - len(bad_q)}/{len(queries)} queries finite and non-zero"
-              + (f" (smallest max|grad| {_fmt(min(sizes))})" if sizes else "")
-              + f"; {len(gains) - len(bad_g)}/{len(gains)} norm_weight grads present")
-    if not ok:
-        bad = bad_q + bad_g
-        detail += "; failing: " + ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-    return Check("gradient flow", ok, len(queries) - len(bad_q), len(queries), detail)
-
-
-def _check_onnx(target: Target, converted, limit: float) -> Check:
-    import tempfile
-
-    import torch
-
-    from . import attnres_parameters
-    from .lowering.onnx_export import count_depth_attention_nodes, export_onnx
-
-    converted.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # non-zero queries, so the parity covers the depth softmax
-        for name, p in attnres_parameters(converted).items():
-            p.add_(0.3 * torch.randn(p.shape, dtype=torch.float32).to(p.dtype))
-    expected_nodes = sum(1 for c in converted.attnres_report.chains for s in c.sites if s.num_sources > 1)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            proto = export_onnx(converted, target.args, Path(tmp) / "model.onnx", kwargs=target.kwargs)
-    except Exception as exc:
-        return Check("onnx parity", False, None, limit,
-                     f"export failed: {type(exc).__name__}: {_first_line(exc)}")
-    nodes = count_depth_attention_nodes(proto)
-    try:
-        err = onnx_parity(proto, converted, target.args, target.kwargs)
-    except Exception as exc:
-        return Check("onnx parity", False, None, limit,
-                     f"onnxruntime failed: {type(exc).__name__}: {_first_line(exc)}")
-    ok = err <= limit and nodes == expected_nodes
-    detail = (f"max rel err {_fmt(err)} (limit {limit:g}), {nodes} DepthAttention nodes"
-              + (f" (expected {expected_nodes})" if nodes != expected_nodes else "")
-              + ", random queries")
-    return Check("onnx parity", ok, _jsonable_float(err), limit, detail)
+    return ", ".join("x".join(str(s) for s in t.shape) for t in _v().tensor_leaves((args, kwargs)))
 
 
 def cmd_check(args, ui: UI) -> int:
+    from .verify import verify
+
     target = load_target(args, ui)
     converted = convert_target(target, args, ui, args.preserve)
     report = converted.attnres_report
     ui.print(f"attnres check of {target.spec}: {_summary(report)}")
-    checks: list[Check] = []
 
-    def show(c: Check):
-        checks.append(c)
+    def show(c):
         ui.out.print(f"[{'green' if c.passed else 'red'}]{'PASS' if c.passed else 'FAIL'}[/]  "
                      f"{c.name:<20} ", end="", highlight=False)
         ui.out.print(c.detail, markup=False, highlight=False)
 
-    if args.expect_sites is not None:
-        show(_check_sites(report, args.expect_sites))
-    steps = [("step-0 equivalence", lambda: _check_equivalence(target, converted, args.max_rel_err, args.preserve)),
-             ("gradient flow", lambda: _check_gradients(target, converted))]
-    if args.onnx:
-        steps.append(("onnx parity", lambda: _check_onnx(target, converted, args.onnx_max_rel_err)))
-    for name, run in steps:
-        with ui.step(name):
-            try:
-                result = run()
-            except Exception as exc:  # a model that fails to run is a failed check, not a crash
-                if ui.debug:
-                    import traceback
-
-                    traceback.print_exc()
-                result = Check(name, False, None, None, f"raised {type(exc).__name__}: {_first_line(exc)}")
-        show(result)
-    passed = sum(c.passed for c in checks)
-    ok = passed == len(checks)
+    with ui.step("checking (step-0 equivalence, gradient flow" + (", onnx parity)" if args.onnx else ")")):
+        result = verify(converted, target.args, kwargs=target.kwargs, original=target.model,
+                        expect_sites=args.expect_sites, max_rel_err=args.max_rel_err, onnx=args.onnx,
+                        onnx_max_rel_err=args.onnx_max_rel_err, on_check=show if ui.debug else None)
+    if not ui.debug:
+        for c in result.checks:
+            show(c)
+    passed = sum(c.passed for c in result.checks)
+    ok = result.passed
     ui.out.print(f"[{'green' if ok else 'red'}]{'check passed' if ok else 'check FAILED'}[/]: "
-                 f"{passed}/{len(checks)} checks pass", highlight=False)
+                 f"{passed}/{len(result.checks)} checks pass", highlight=False)
     if args.json:
         _write_json(args.json, {
             "status": "pass" if ok else "fail",
             "target": args.model,
-            "checks": [c.__dict__ for c in checks],
+            "checks": [c.__dict__ for c in result.checks],
             "report": report.to_dict(),
         }, ui)
     return EXIT_OK if ok else EXIT_FAILED
@@ -1042,8 +836,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # every failure is one line; --debug shows where it came from
         from .errors import AttnResError
+        from .verify import VerificationError
 
-        if isinstance(exc, (BadInput, AttnResError)):
+        if isinstance(exc, VerificationError):
+            code, kind = EXIT_FAILED, "failed"
+        elif isinstance(exc, (BadInput, AttnResError)):
             code, kind = EXIT_BAD_INPUT, "error"
         elif isinstance(exc, Failed):
             code, kind = EXIT_FAILED, "failed"

@@ -20,3 +20,15 @@ class NoEligibleChainError(AttnResError):
 class ModeMismatchError(AttnResError):
     """The model's train and eval modes cannot share one conversion (e.g. they return different
     output structures); the message says what differs."""
+
+
+class PlanMismatchError(AttnResError):
+    """A call of a converted model does not run its residual streams the way the conversion plan
+    says (another code path, order or model code); the message names the chain and sublayer."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, shortened to `limit` characters."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -70,6 +70,7 @@ class ConversionReport:
     chains: list[ChainReport]
     left_alone: list[LeftAloneReport]
     refused_chains: list[dict]
+    warnings: list[str] = field(default_factory=list)  # features of the original not kept, and why
 
     @property
     def num_sites(self) -> int:
@@ -121,6 +122,8 @@ class ConversionReport:
                            style="yellow")
         for r in self.refused_chains:
             yield Text(f"chain from {r['start']} left alone: {r['reason']}", style="yellow")
+        for w in self.warnings:
+            yield Text(f"warning: {w}", style="yellow")
         if self.left_alone:
             t = Table(title=f"{len(self.left_alone)} add(s) left alone", title_justify="left")
             for col in ("node", "where", "reason"):

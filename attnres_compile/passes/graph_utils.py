@@ -300,3 +300,27 @@ def forward_closure(starts: Iterable[Node], index: dict[Node, int]) -> list[Node
         seen.add(cur)
         queue.extend(cur.users)
     return sorted(seen, key=index.__getitem__)
+
+
+def call_site(node: Node) -> tuple[str, int, str, str] | None:
+    """(file, line, function, code) of the innermost frame that ran `node`'s op, or None.
+
+    Unlike `source_line`, torch's own files count: an add inside `nn.TransformerEncoderLayer`
+    runs in torch/nn/modules/transformer.py, and that frame is where a converted model meets
+    it again at call time (passes/rewrite.py matches residual adds by this location).
+    """
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln for ln in trace.strip().splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        s = lines[i].strip()
+        if not s.startswith('File "'):
+            continue
+        try:
+            _, path, rest = s.split('"', 2)
+            lineno = int(rest.split("line", 1)[1].split(",")[0].strip())
+            func = rest.split(" in ")[-1].strip()
+        except (IndexError, ValueError):
+            return None
+        code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].strip().startswith('File "') else ""
+        return path, lineno, func, code
+    return None

@@ -1,0 +1,303 @@
+"""Verification as a library: the checks `attnres check` runs, returning a report object.
+
+    report = attnres_compile.verify(converted, example_inputs, original=model, onnx=True)
+    print(report); assert report.passed; report.to_dict()
+
+Checks: the number of sites (when expected), step-0 equivalence with the original (eval mode),
+gradient flow to every new parameter, and ONNX Runtime parity with random queries. Nothing
+here changes the converted model: the ONNX check perturbs the queries of a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import AttnResError
+from .errors import first_line as _first_line
+
+
+class VerificationError(AttnResError):
+    """A check could not run on this model (e.g. its output holds no tensor)."""
+
+
+# -- comparing outputs ---------------------------------------------------------------------------
+
+def main_output(out):
+    """The tensor to compare: the output itself, logits, last_hidden_state, else the first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is None and isinstance(out, dict):
+            value = out.get(key)
+        if isinstance(value, torch.Tensor):
+            return value
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    raise VerificationError(f"the model's output ({type(out).__name__}) holds no tensor to compare")
+
+
+def tensor_leaves(out) -> list:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def rel_err(out, ref) -> float:
+    """max |out - ref| / max |ref| in float64 (inf when shapes differ or anything is not finite)."""
+    import numpy as np
+
+    a = out.detach().double().cpu() if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out)).double()
+    b = ref.detach().double().cpu() if isinstance(ref, torch.Tensor) else torch.from_numpy(np.asarray(ref)).double()
+    if a.shape != b.shape or not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        return math.inf
+    if a.numel() == 0:
+        return 0.0
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return "inf" if math.isinf(x) else ("0" if x == 0 else f"{x:.2e}")
+
+
+def _jsonable(x: float):
+    return None if math.isnan(x) else ("inf" if math.isinf(x) else x)
+
+
+def bound_arguments(module, args: tuple, kwargs: dict):
+    sig = inspect.signature(module.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise VerificationError(f"the example inputs do not fit {type(module).__name__}.forward: {exc}") from exc
+    return sig, bound
+
+
+def onnx_feed(session, module, args: tuple, kwargs: dict) -> dict:
+    """Map the ONNX graph inputs to the tensors of (args, kwargs): by name, else by order."""
+    _, bound = bound_arguments(module, args, kwargs)
+    named, ordered = {}, []
+    for name, value in bound.arguments.items():
+        leaves = tensor_leaves(value)
+        ordered.extend(leaves)
+        if len(leaves) == 1:
+            named[name] = leaves[0]
+    inputs = session.get_inputs()
+    if all(i.name in named for i in inputs):
+        return {i.name: named[i.name].detach().cpu().numpy() for i in inputs}
+    if len(inputs) == len(ordered):
+        return {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, ordered)}
+    raise VerificationError(f"cannot match the ONNX inputs {[i.name for i in inputs]} to the model's tensor inputs")
+
+
+def onnx_parity(proto, module, args: tuple, kwargs: dict, *, fused: bool = False) -> float:
+    """Run onnxruntime and PyTorch (module in eval mode) on one set of inputs; the max relative error.
+
+    fused: run the session with the fused DepthAttention kernel registered (`ort_session`)."""
+    import onnxruntime as ort
+
+    from .lowering.onnx_export import default_export_kwargs
+
+    kwargs = default_export_kwargs(module, kwargs)
+    if fused:
+        from .lowering.onnx_export import ort_session
+
+        session = ort_session(proto, fused=True)
+    else:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, onnx_feed(session, module, args, kwargs))
+    with torch.no_grad():
+        ref = module(*args, **kwargs)
+    leaves = tensor_leaves(ref)
+    if len(leaves) == len(got):
+        return max(rel_err(torch.from_numpy(g), r) for g, r in zip(got, leaves))
+    return rel_err(torch.from_numpy(got[0]), main_output(ref))
+
+
+# -- the checks ----------------------------------------------------------------------------------
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    value: object
+    limit: object
+    detail: str
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "status": "pass" if self.passed else "fail",
+                "checks": [asdict(c) for c in self.checks]}
+
+    def __rich_console__(self, console, options):
+        from rich.text import Text
+
+        for c in self.checks:
+            yield Text.assemble(("PASS" if c.passed else "FAIL", "green" if c.passed else "red"),
+                                f"  {c.name:<20} {c.detail}")
+        n = sum(c.passed for c in self.checks)
+        yield Text.assemble(("check passed" if self.passed else "check FAILED", "green" if self.passed else "red"),
+                            f": {n}/{len(self.checks)} checks pass")
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=140, force_terminal=False, color_system=None).print(self)
+        return buf.getvalue()
+
+
+def check_sites(converted, expect: int) -> Check:
+    n = converted.attnres_report.num_sites
+    return Check("sites", n == expect, n, expect, f"{n} (expected {expect})")
+
+
+def check_equivalence(original, converted, args: tuple, kwargs: dict, limit: float) -> Check:
+    """Step-0 outputs of the converted model against the original's, both in eval mode."""
+    preserve = converted.attnres.plan.preserve
+    was_o, was_c = original.training, converted.training
+    original.eval()
+    converted.eval()
+    try:
+        with torch.no_grad():
+            ref = main_output(original(*args, **kwargs))
+            out = main_output(converted(*args, **kwargs))
+    finally:
+        original.train(was_o)
+        converted.train(was_c)
+    err = rel_err(out, ref)
+    return Check("step-0 equivalence", err <= limit, _jsonable(err), limit,
+                 f"max rel err {fmt(err)} (limit {limit:g}), eval mode, preserve={preserve!r}")
+
+
+def check_gradients(converted, args: tuple, kwargs: dict) -> Check:
+    """One backward in train mode: every query gets a finite non-zero gradient, every gain one."""
+    from .api import attnres_parameters
+
+    params = attnres_parameters(converted)
+    if not params:
+        return Check("gradient flow", True, 0, None, "no new parameters (every site is the identity)")
+    was = converted.training
+    saved = {n: p.grad for n, p in converted.named_parameters()}
+    converted.train()
+    converted.zero_grad(set_to_none=True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            out = main_output(converted(*args, **kwargs))
+            # A fixed random projection of the output: a plain sum can have an identically zero
+            # gradient (e.g. outputs that are softmax probabilities), a random one does not.
+            weight = torch.randn(out.shape, dtype=torch.float32).to(out.device)
+        (out.float() * weight).sum().backward()
+        queries = {n: p for n, p in params.items() if n.endswith(".query")}
+        gains = {n: p for n, p in params.items() if not n.endswith(".query")}
+        bad_q, sizes = [], []
+        for n, p in queries.items():
+            g = p.grad
+            if g is None or not torch.isfinite(g).all() or g.abs().max().item() == 0:
+                bad_q.append(f"{n} ({'no grad' if g is None else 'not finite' if not torch.isfinite(g).all() else 'zero'})")
+            else:
+                sizes.append(g.abs().max().item())
+        bad_g = [f"{n} ({'no grad' if p.grad is None else 'not finite'})" for n, p in gains.items()
+                 if p.grad is None or not torch.isfinite(p.grad).all()]
+    finally:
+        for n, p in converted.named_parameters():
+            p.grad = saved.get(n)
+        converted.train(was)
+    ok = not bad_q and not bad_g
+    detail = (f"{len(queries) - len(bad_q)}/{len(queries)} queries finite and non-zero"
+              + (f" (smallest max|grad| {fmt(min(sizes))})" if sizes else "")
+              + f"; {len(gains) - len(bad_g)}/{len(gains)} norm_weight grads present")
+    if not ok:
+        bad = bad_q + bad_g
+        detail += "; failing: " + ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    return Check("gradient flow", ok, len(queries) - len(bad_q), len(queries), detail)
+
+
+def check_onnx(converted, args: tuple, kwargs: dict, limit: float) -> Check:
+    """Export a copy with random queries to ONNX; onnxruntime against PyTorch."""
+    from .api import attnres_parameters
+    from .lowering.onnx_export import count_depth_attention_nodes, export_onnx
+
+    model = copy.deepcopy(converted).eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # non-zero queries, so the parity covers the depth softmax
+        for p in attnres_parameters(model).values():
+            p.add_(0.3 * torch.randn(p.shape, dtype=torch.float32).to(p.dtype))
+    expected = sum(1 for c in model.attnres.plan.chains for s in c.sites if s.param_prefix)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            proto = export_onnx(model, args, Path(tmp) / "model.onnx", kwargs=kwargs)
+    except Exception as exc:
+        return Check("onnx parity", False, None, limit, f"export failed: {type(exc).__name__}: {_first_line(exc)}")
+    nodes = count_depth_attention_nodes(proto)
+    try:
+        err = onnx_parity(proto, model, args, kwargs)
+    except Exception as exc:
+        return Check("onnx parity", False, None, limit,
+                     f"onnxruntime failed: {type(exc).__name__}: {_first_line(exc)}")
+    ok = err <= limit and nodes == expected
+    detail = (f"max rel err {fmt(err)} (limit {limit:g}), {nodes} DepthAttention nodes"
+              + (f" (expected {expected})" if nodes != expected else "") + ", random queries")
+    return Check("onnx parity", ok, _jsonable(err), limit, detail)
+
+
+def verify(converted, example_inputs, *, kwargs: dict | None = None, original=None,
+           expect_sites: int | None = None, max_rel_err: float = 1e-5, onnx: bool = False,
+           onnx_max_rel_err: float = 1e-4, on_check=None) -> VerifyReport:
+    """Run the conversion checks on `converted` with `example_inputs` (and `kwargs`).
+
+    Args:
+        original: the model before conversion; gives the step-0 equivalence check (meaningful in
+            preserve="exact", or in "scale" when the consumers' norm eps is negligible).
+        expect_sites: the number of depth-attention sites expected.
+        max_rel_err / onnx_max_rel_err: the limits of the equivalence and ONNX checks.
+        on_check: called with each Check as it completes (the CLI prints them as they come).
+
+    A check that raises is a failed check whose detail names the exception.
+    """
+    from .api import is_converted
+    from .capture import normalize_inputs
+
+    if not is_converted(converted):
+        raise TypeError(f"verify expects a model converted by attnres_compile.convert(), got {type(converted).__name__}")
+    args, kwargs = normalize_inputs(example_inputs, kwargs)
+    report = VerifyReport(model=type(converted).__name__)
+    steps = []
+    if expect_sites is not None:
+        steps.append(("sites", lambda: check_sites(converted, expect_sites)))
+    if original is not None:
+        steps.append(("step-0 equivalence", lambda: check_equivalence(original, converted, args, kwargs, max_rel_err)))
+    steps.append(("gradient flow", lambda: check_gradients(converted, args, kwargs)))
+    if onnx:
+        steps.append(("onnx parity", lambda: check_onnx(converted, args, kwargs, onnx_max_rel_err)))
+    for name, run in steps:
+        try:
+            result = run()
+        except Exception as exc:  # a model that fails to run is a failed check, not a crash
+            result = Check(name, False, None, None, f"raised {type(exc).__name__}: {_first_line(exc)}")
+        report.checks.append(result)
+        if on_check is not None:
+            on_check(result)
+    return report
