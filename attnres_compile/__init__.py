@@ -18,6 +18,7 @@ from .errors import AttnResError, CaptureError, ModeMismatchError, NoEligibleCha
 from .hf import from_pretrained
 from .lowering.onnx_export import export_onnx
 from .report import ConversionReport
+from .verify import VerifyReport, verify
 
 __all__ = [
     "convert",
@@ -31,6 +32,8 @@ __all__ = [
     "save_attnres",
     "load_attnres_state_dict",
     "ConversionReport",
+    "verify",
+    "VerifyReport",
     "AttnResError",
     "CaptureError",
     "NoEligibleChainError",

@@ -1,6 +1,6 @@
 """What the depth-attention sites of a converted model do on real inputs.
 
-`record_sites(model, args)` runs a converted model (an `AttnResModule`, or the module of a
+`record_sites(model, args)` runs a converted model (what `convert()` returns, or the module of a
 program saved with `torch.export.save`) and records, for every depth-attention site, the
 softmax weights it puts on each source (averaged over tokens) and the RMS of the mixed
 input it hands to its sublayer. `plot_depth_weights` draws the site x source heatmap the
@@ -128,10 +128,10 @@ def record_sites(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
     """Run `model` on `args` (or on each args tuple in `batches`) and summarise every site.
 
     Args:
-        model: an AttnResModule, or `torch.export.load(path).module()` of a converted program.
+        model: a converted model, or `torch.export.load(path).module()` of a converted program.
         args, kwargs: inputs for one forward.
         schedules: (chain, site) -> (sublayer, source labels "b0", ..., "partial"), from
-            `schedules_from_report` or `schedules_from_layout`; an AttnResModule's own report
+            `schedules_from_report` or `schedules_from_layout`; a converted model's own report
             is used when not given. Without either, sources are labelled "v<i>".
         batches: more argument tuples to average over (args is then ignored).
 

@@ -38,6 +38,7 @@ class AddCall:
     line: int
     lasti: int         # bytecode offset: a line can hold several adds
     container: str     # path of the module whose forward frame (or a caller's) ran it
+    checkpointed: str | None = None  # the plain function an activation checkpoint runs it in, if any
 
 
 class _AddRecorder(TorchFunctionMode):
@@ -69,8 +70,31 @@ class _AddRecorder(TorchFunctionMode):
                     if container is not None:
                         break
                     g = g.f_back
-                self.adds.append(AddCall(f.f_code.co_filename, f.f_lineno, f.f_lasti, container or ""))
+                self.adds.append(AddCall(f.f_code.co_filename, f.f_lineno, f.f_lasti, container or "",
+                                         _checkpointed_function(f)))
         return func(*args, **(kwargs or {}))
+
+
+def _checkpointed_function(f) -> str | None:
+    """The function a torch.utils.checkpoint region below frame `f` runs, when it is a plain
+    function: the converted model re-enters its mode for a recompute through a module call or
+    Hugging Face's layer checkpointing, not through anything else (passes/rewrite.py)."""
+    below = None
+    g = f
+    for _ in range(64):
+        if g is None:
+            return None
+        if g.f_code.co_filename.endswith("torch/utils/checkpoint.py"):
+            break
+        below, g = g, g.f_back
+    else:
+        return None
+    if below is None or below.f_code.co_filename.endswith("torch/nn/modules/module.py"):
+        return None
+    owner = below.f_locals.get("self")
+    if below.f_code.co_name == "forward" and hasattr(owner, "_gradient_checkpointing_func"):
+        return None  # Hugging Face's GradientCheckpointingLayer
+    return f"{below.f_code.co_filename}:{below.f_code.co_firstlineno} in {below.f_code.co_name}"
 
 
 def _add_funcs():

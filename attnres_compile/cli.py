@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def preserve_arg(p, default):
         p.add_argument("--preserve", choices=("scale", "exact"), default=default,
-                       help=f"'scale' (the paper) or 'exact' (bit-for-bit at step 0; also converts "
-                            f"non-PreNorm chains); default {default!r}")
+                       help=f"'scale' (the paper) or 'exact' (the original's outputs at step 0, up to "
+                            f"float32 summation order; also converts non-PreNorm chains); default {default!r}")
 
     def dynamic_arg(p, what):
         p.add_argument("--dynamic", action="store_true",

@@ -1,14 +1,19 @@
-"""How long convert() takes as depth grows: capture, analysis, rewrite, module build.
+"""How long convert() takes as depth grows, and what a new kind of call costs afterwards.
 
     python benchmarks/bench_convert.py [--layers 6 12 24 48] [--d 256] [--dynamic/--static]
 
 A LLaMA-style model (Hugging Face LlamaForCausalLM, d_model 256, random weights) at each depth
-is converted once (preserve="exact", default num_blocks); the stages of the real convert() are
-timed by wrapping the functions api.py calls. Writes benchmarks/results/convert.json.
+is converted once from `(input_ids,)` (preserve="exact", default num_blocks); the stages of the
+real convert() are timed by wrapping the functions api.py calls. Writes
+benchmarks/results/convert.json.
 
-Stages: capture = the two torch.export runs (train and eval) incl. deep copies; analyse =
-residual-stream analysis of both graphs; rewrite = planning and rewriting every chain;
-module = building the AttnResModule (graph adoption, code generation); total = convert().
+Stages: capture = the two torch.export runs (train and eval); analyse = residual-stream
+analysis of both graphs; plan = sites, add locations and owners of every chain; install =
+parameters and the runtime on the copy (apply_plan); total = convert(), deep copy included.
+
+First calls: the converted model captures nothing per call (passes/rewrite.py), so the first
+call of each new call structure (padding mask, hidden states, a cache) is timed against the
+same first call of the original model, each on a fresh copy.
 """
 
 from __future__ import annotations
@@ -31,8 +36,13 @@ import attnres_compile as ac  # noqa: E402
 from attnres_compile import api  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "convert.json"
-STAGES = {"capture": "capture", "analyse": "analyse_streams", "rewrite": "rewrite_chain",
-          "plan": "plan_chain", "module": "AttnResModule"}
+STAGES = {"capture": "capture", "analyse": "analyse_streams", "plan": "plan_chain",
+          "plan_links": "chain_plan", "install": "apply_plan"}
+CALLS = {  # new call structures after a conversion from (input_ids,)
+    "attention_mask": lambda ids: {"attention_mask": torch.ones_like(ids)},
+    "output_hidden_states": lambda ids: {"output_hidden_states": True},
+    "use_cache": lambda ids: {"use_cache": True},
+}
 
 
 def llama(layers: int, d: int):
@@ -85,16 +95,34 @@ def run(layers: int, d: int, dynamic: bool) -> dict:
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with Timers() as tm:
         t0 = time.perf_counter()
-        conv = ac.convert(model, (ids,), kwargs={"use_cache": False}, preserve="exact", dynamic=dynamic)
+        conv = ac.convert(model, (ids,), preserve="exact", dynamic=dynamic)
         total = time.perf_counter() - t0
     rep = conv.attnres_report
-    nodes = len(conv.graph.nodes)
     stages = {k: round(v, 4) for k, v in tm.t.items()}
-    stages["analyse"] = round(stages.get("analyse", 0.0), 4)
+    stages["plan"] = round(stages.get("plan", 0.0) + stages.pop("plan_links", 0.0), 4)
     row = {"layers": layers, "d_model": d, "dynamic": dynamic, "sublayers": 2 * layers, "sites": rep.num_sites,
-           "graph_nodes": nodes, "total_s": round(total, 3), **{f"{k}_s": v for k, v in stages.items()}}
-    row["pass_s"] = round(row.get("analyse_s", 0) + row.get("plan_s", 0) + row.get("rewrite_s", 0), 4)
+           "total_s": round(total, 3), **{f"{k}_s": v for k, v in stages.items()}}
+    row["pass_s"] = round(row.get("analyse_s", 0) + row.get("plan_s", 0) + row.get("install_s", 0), 4)
+    row["first_call_ms"] = first_calls(model, conv, ids)
     return row
+
+
+def first_calls(model, conv, ids) -> dict:
+    """First call of each new call structure: converted vs original, ms (fresh copies each)."""
+    import copy
+
+    out = {}
+    for name, kw in CALLS.items():
+        times = {}
+        for who, m in (("original", model), ("converted", conv)):
+            m = copy.deepcopy(m)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                m(ids, **kw(ids))
+            times[who] = round(1000 * (time.perf_counter() - t0), 1)
+        times["ratio"] = round(times["converted"] / times["original"], 2)
+        out[name] = times
+    return out
 
 
 def main() -> None:
@@ -108,9 +136,10 @@ def main() -> None:
     for n in args.layers:
         row = run(n, args.d, not args.static)
         rows.append(row)
+        firsts = "  ".join(f"{k} {v['converted']:.0f}/{v['original']:.0f} ms" for k, v in row["first_call_ms"].items())
         print(f"layers {n:3d}: total {row['total_s']:7.2f}s  capture {row['capture_s']:7.2f}s  "
-              f"analyse {row['analyse_s']:6.3f}s  rewrite {row['rewrite_s']:6.3f}s  module {row['module_s']:6.3f}s  "
-              f"({row['graph_nodes']} nodes)")
+              f"analyse {row['analyse_s']:6.3f}s  plan {row['plan_s']:6.3f}s  install {row['install_s']:6.3f}s  "
+              f"first calls (converted/original): {firsts}")
     base = rows[0]
     for r in rows:
         scale = r["layers"] / base["layers"]

@@ -255,9 +255,10 @@ def test_to_dtype_on_converted_module(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
 def test_to_dtype_on_converted_hf_decoder(name, dtype):
-    """Hugging Face graphs bake the capture dtype into casts, masks and finfo.min fills;
-    `.to(dtype)` retargets them. Checked against the original model cast the same way, there
-    and back (float32 -> dtype -> float32), in both modes' graphs, without touching the model."""
+    """Hugging Face code casts to the model's dtype and fills masks with finfo.min; after
+    `.to(dtype)` the converted model runs that code in the new dtype. Checked against the
+    original model cast the same way, there and back (float32 -> dtype -> float32), in both
+    modes, without touching the model."""
     spec = ARCH[name]
     torch.manual_seed(0)
     model = spec["factory"]().eval()
@@ -271,7 +272,7 @@ def test_to_dtype_on_converted_hf_decoder(name, dtype):
         got, want = main_output(conv(*spec["args"], **kw)), main_output(ref(*spec["args"], **spec["kwargs"]))
     assert got.dtype == dtype
     assert norm_rel_err(got, want) <= (2e-2 if dtype == torch.bfloat16 else 1e-6)
-    conv.train()  # the train graph is retargeted too; gradients in the new dtype
+    conv.train()  # gradients in the new dtype
     main_output(conv(*spec["args"], **kw)).float().square().mean().backward()
     for n, p in ac.attnres_parameters(conv).items():
         assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), n

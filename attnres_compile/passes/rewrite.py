@@ -99,12 +99,13 @@ class _ChainRuntime:
         self.owner = owner
         self.sites = sites            # per site index (0..L, L = final): DepthAttentionSite or None
         self.current: _Run | None = None
+        self.last = None              # weakref to the last run started: what a recompute replays
         self.completed = 0
         self.grad_at_start = True
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        d["current"], d["completed"] = None, 0
+        d["current"], d["last"], d["completed"] = None, None, 0
         return d
 
 
@@ -440,6 +441,14 @@ class AttnResRuntime:
                 tag = getattr(operands[e.site.stream_arg], _TAG, None)
                 if tag is not None and tag.run.chain is e.chain and (tag.link, tag.inner) == self._expected_tag(e):
                     return e, tag.run, tag.run.next > e.link
+            if torch._C._current_graph_task_id() != -1:
+                # A recompute in backward whose stream operand lost its tag (saved-tensor hooks
+                # such as save_on_cpu hand back other tensor objects): replay the chain's last run.
+                for i in cands:
+                    e = self.entries[i]
+                    last = e.chain.last() if e.chain.last is not None else None
+                    if last is not None and e.link < len(last.snaps):
+                        return e, last, True
         # an untagged stream operand (Dynamo, or a cast in between): the run in progress says
         for i in cands:
             e = self.entries[i]
@@ -452,6 +461,7 @@ class AttnResRuntime:
                 run = _Run(e.chain, operands[e.site.stream_arg], detached)
                 if not detached:  # a recompute in backward replays; it is not this call's run
                     e.chain.current = run
+                    e.chain.last = weakref.ref(run)
                 return e, run, False
         e = self.entries[cands[0]]
         run = e.chain.current
