@@ -18,7 +18,7 @@ from .errors import AttnResError, CaptureError, ModeMismatchError, NoEligibleCha
 from .hf import from_pretrained
 from .lowering.onnx_export import export_onnx
 from .report import ConversionReport
-from .verify import VerifyReport, verify
+from .checks import VerifyReport, verify
 
 __all__ = [
     "convert",

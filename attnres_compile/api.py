@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .capture import add_calls, capture, normalize_inputs
+from .capture import add_calls, capture, normalize_inputs, without_cache
 from .errors import ModeMismatchError, NoEligibleChainError
 from .ops.site import DepthAttentionSite
 from .passes.find_chains import StreamAnalysis, analyse_streams
@@ -107,7 +107,7 @@ def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
     if hasattr(model, "attnres") and isinstance(getattr(model, "attnres"), AttnResParameters):
         raise TypeError(f"{type(model).__name__} is already converted by attnres_compile; convert the original")
     name = type(model).__name__
-    kwargs = _capture_kwargs(model, kwargs)
+    kwargs = without_cache(model, kwargs)
     if isinstance(model, torch.fx.GraphModule):
         return _convert_graph_module(model, args, kwargs, num_blocks=num_blocks, block_size=block_size,
                                      preserve=preserve, eps=eps, filter_fn=filter_fn)
@@ -226,18 +226,6 @@ class AttnResSequential(nn.Sequential):
         if isinstance(idx, slice):
             return nn.Sequential(*self._layers()[idx])
         return self._layers()[idx]
-
-
-def _capture_kwargs(model: nn.Module, kwargs: dict) -> dict:
-    """The capture's keywords: `use_cache=False` where forward takes it (a cache in the outputs is
-    no residual stream, and caches need pytree registrations to export)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if "use_cache" in params and "use_cache" not in kwargs:
-        kwargs = {**kwargs, "use_cache": False}
-    return kwargs
 
 
 def _restore_forward(model: nn.Module) -> None:

@@ -39,6 +39,16 @@ class AddCall:
     lasti: int         # bytecode offset: a line can hold several adds
     container: str     # path of the module whose forward frame (or a caller's) ran it
     checkpointed: str | None = None  # the plain function an activation checkpoint runs it in, if any
+    cols: tuple[int, int] | None = None  # the add's column span: Dynamo's frames name it this way
+
+
+def instruction_columns(code, lasti: int) -> tuple[int, int] | None:
+    """(col_offset, end_col_offset) of the instruction at byte offset `lasti` of `code`."""
+    try:
+        pos = list(code.co_positions())[lasti // 2]
+    except (AttributeError, IndexError):
+        return None
+    return None if pos[2] is None else (pos[2], pos[3])
 
 
 class _AddRecorder(TorchFunctionMode):
@@ -71,7 +81,7 @@ class _AddRecorder(TorchFunctionMode):
                         break
                     g = g.f_back
                 self.adds.append(AddCall(f.f_code.co_filename, f.f_lineno, f.f_lasti, container or "",
-                                         _checkpointed_function(f)))
+                                         _checkpointed_function(f), instruction_columns(f.f_code, f.f_lasti)))
         return func(*args, **(kwargs or {}))
 
 
@@ -146,6 +156,19 @@ def normalize_inputs(example_inputs, kwargs) -> tuple[tuple, dict]:
     if not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
     return example_inputs, dict(kwargs)
+
+
+def without_cache(model, kwargs: dict | None) -> dict:
+    """`use_cache=False` where forward takes `use_cache` and the caller did not say: a cache in
+    the outputs is no residual stream, and a full-sequence capture or export has no cache."""
+    kwargs = dict(kwargs or {})
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def _auto_dims(model, args: tuple, kwargs: dict):

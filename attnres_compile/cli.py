@@ -443,10 +443,10 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def _v():
-    """attnres_compile.verify, imported on first use (it imports torch)."""
-    from . import verify
+    """attnres_compile.checks, imported on first use (it imports torch)."""
+    from . import checks
 
-    return verify
+    return checks
 
 
 # -- shared helpers --------------------------------------------------------------------------------------
@@ -708,7 +708,7 @@ def _shapes_text(args: tuple, kwargs: dict) -> str:
 
 
 def cmd_check(args, ui: UI) -> int:
-    from .verify import verify
+    from .checks import verify
 
     target = load_target(args, ui)
     converted = convert_target(target, args, ui, args.preserve)
@@ -836,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # every failure is one line; --debug shows where it came from
         from .errors import AttnResError
-        from .verify import VerificationError
+        from .checks import VerificationError
 
         if isinstance(exc, VerificationError):
             code, kind = EXIT_FAILED, "failed"

@@ -162,3 +162,33 @@ def test_compiled_two_phase_under_no_grad():
         be._inductor = orig
     assert rewritten and rewritten[0] == sum(1 for s in conv.attnres_report.chains[0].sites if s.num_sources > 1)
     assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox_parallel", "t5"])
+def test_dynamo_traces_converted_models_in_one_graph(name):
+    """Dynamo traces the converted model's own code with the runtime's mode: every residual add
+    is found from Dynamo's frames (parallel residuals: by column span within the line), in one
+    graph (fullgraph=True) that any backend runs, on the example's and other shapes."""
+    from torch._dynamo.testing import CompileCounter
+
+    from .models import architectures
+
+    torch._dynamo.reset()
+    spec = architectures()[name]
+    torch.manual_seed(0)
+    model = spec["factory"]().eval()
+    conv = _perturbed(ac.convert(model, spec["args"], kwargs=spec["kwargs"], preserve="exact", num_blocks=2))
+    counter = CompileCounter()
+    compiled = torch.compile(conv, backend=counter, fullgraph=True)
+    ids = spec["args"][0]
+    other = torch.randint(0, 64, (3, 9))
+    kw = {k: v for k, v in spec["kwargs"].items() if k != "decoder_input_ids"}
+    for x in (ids, other):
+        extra = {"decoder_input_ids": x[:, :5]} if name == "t5" else {}
+        with torch.no_grad():
+            want = main_output(conv(x, **kw, **extra))
+            got = main_output(compiled(x, **kw, **extra))
+        assert rel_err(got, want) <= 1e-5
+    assert counter.frame_count >= 1
+    sites = sum(1 for c in conv.attnres_report.chains for s in c.sites if s.parameters)
+    assert counter.op_count >= sites

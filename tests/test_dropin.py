@@ -627,3 +627,38 @@ def test_checkpointed_plain_function_is_reported_with_a_warning():
     with pytest.warns(UserWarning, match=r"inside an activation checkpoint of a plain function .*_layer"):
         conv = ac.convert(_CheckpointedFunction(), (x,), preserve="exact")
     assert any("checkpoint of a plain function" in w for w in conv.attnres_report.warnings)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3])
+def test_two_phase_inference_equals_the_single_pass(block_size):
+    """Eager no-grad calls can serve sites by the two-phase schedule (SPEC section 3; on by
+    default on CUDA): one phase-1 read per group of sites sharing their completed blocks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = build("llama")
+    conv = perturb(ac.convert(model, (IDS,), preserve="exact", block_size=block_size))
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        plain = conv(ids, attention_mask=mask).logits
+        conv.attnres.runtime.two_phase = True
+        with Count() as seen:
+            fast = conv(ids, attention_mask=mask).logits
+    sites = sum(1 for s in conv.attnres_report.chains[0].sites if s.parameters)
+    phase1 = sum("phase1" in o for o in seen.ops)
+    phase2 = sum("phase2" in o for o in seen.ops)
+    single = sum("attnres.depth_attention.default" in o for o in seen.ops)
+    assert phase2 + single == sites
+    if block_size == 1:  # Full AttnRes: no two sites share their completed blocks
+        assert phase2 == 0
+    else:
+        assert phase2 > 0 and phase1 < phase2
+    assert rel_err(fast, plain) <= 1e-5

@@ -83,21 +83,6 @@ def translation_table() -> dict:
     return {torch.ops.attnres.depth_attention.default: translate}
 
 
-def default_export_kwargs(model: torch.nn.Module, kwargs: dict | None) -> dict:
-    """`use_cache=False` where forward takes it and the caller did not say: a full-sequence
-    export has no cache outputs (a decoder with past is its own export)."""
-    import inspect
-
-    kwargs = dict(kwargs or {})
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if "use_cache" in params and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False
-    return kwargs
-
-
 def export_onnx(model: torch.nn.Module, example_inputs, path: str | os.PathLike | None = None, *,
                 kwargs: dict | None = None, dynamic_shapes=None, inline: bool = False):
     """Export a converted module to ONNX; returns the onnx.ModelProto (also saved to `path`).
@@ -114,7 +99,7 @@ def export_onnx(model: torch.nn.Module, example_inputs, path: str | os.PathLike 
     import onnx.inliner
 
     from ..api import is_converted
-    from ..capture import normalize_inputs
+    from ..capture import normalize_inputs, without_cache
 
     if not is_converted(model):
         raise TypeError(
@@ -122,7 +107,7 @@ def export_onnx(model: torch.nn.Module, example_inputs, path: str | os.PathLike 
             "convert it first"
         )
     args, kwargs = normalize_inputs(example_inputs, kwargs)
-    kwargs = default_export_kwargs(model, kwargs)
+    kwargs = without_cache(model, kwargs)
     was_training = model.training
     model.eval()
     try:

@@ -84,6 +84,7 @@ class AddSite:
     stream_arg: int           # 0 or 1: the operand that carries the stream
     inplace: bool
     lasti: int | None = None  # bytecode offset of the add (a line may hold several); None: any
+    cols: tuple[int, int] | None = None  # its column span, for Dynamo (whose offsets differ)
 
     def where(self) -> str:
         short = "/".join(self.file.split("/")[-2:])
@@ -149,7 +150,7 @@ class ConversionPlan:
                              f"(this attnres_compile reads version {PLAN_VERSION})")
         chains = []
         for c in d["chains"]:
-            links = [LinkPlan(add=AddSite(**lk["add"]), absorbed=tuple(AddSite(**a) for a in lk["absorbed"]),
+            links = [LinkPlan(add=_add_site(lk["add"]), absorbed=tuple(_add_site(a) for a in lk["absorbed"]),
                               sublayer=lk.get("sublayer", "")) for lk in c["links"]]
             sites = []
             for s in c["sites"]:
@@ -164,6 +165,13 @@ class ConversionPlan:
             chains.append(ChainPlan(index=c["index"], owner=c["owner"], block_size=c["block_size"],
                                     feature_axis=c["feature_axis"], dim=c["dim"], links=links, sites=sites))
         return cls(model=d["model"], preserve=d["preserve"], chains=chains, python=d.get("python", ""))
+
+
+def _add_site(d: dict) -> AddSite:
+    d = dict(d)
+    if d.get("cols") is not None:
+        d["cols"] = tuple(d["cols"])  # JSON has lists
+    return AddSite(**d)
 
 
 # -- from a captured chain ---------------------------------------------------------------------
@@ -193,10 +201,12 @@ def add_site(add: Node, branch: Node, calls: dict | None = None) -> AddSite:
             import linecache
 
             path, line, code = call.file, call.line, linecache.getline(call.file, call.line).strip()
-        container, lasti = call.container, call.lasti
+        container, lasti, cols = call.container, call.lasti, call.cols
+    else:
+        cols = None
     return AddSite(container=container, file=path, module_name=_module_of_file(path), line=line,
                    func=func, code=code, stream_arg=1 if add.args[0] is branch else 0,
-                   inplace="add_" in str(add.target), lasti=lasti)
+                   inplace="add_" in str(add.target), lasti=lasti, cols=cols)
 
 
 def _call_stack(node: Node) -> list[str]:

@@ -68,7 +68,7 @@ def _dynamo_compiling() -> bool:
 class _Run:
     """One pass of a chain: completed blocks, the running partial sum, the next link."""
 
-    __slots__ = ("chain", "blocks", "partial", "next", "snaps", "pending", "detached", "__weakref__")
+    __slots__ = ("chain", "blocks", "partial", "next", "snaps", "pending", "detached", "phase1", "__weakref__")
 
     def __init__(self, chain: _ChainRuntime, start: Tensor, detached: bool):
         self.chain = chain
@@ -78,6 +78,7 @@ class _Run:
         self.snaps: list[tuple[tuple, Tensor | None]] = []  # (blocks, partial) before each link
         self.pending: list[Tensor] = []  # branches of a parallel link's inner adds (Dynamo path)
         self.detached = detached  # started inside backward (a recompute): not the chain's current run
+        self.phase1: dict[int, tuple] = {}  # first site of a two-phase group -> (o, m, z)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,13 @@ class _ChainRuntime:
         self.last = None              # weakref to the last run started: what a recompute replays
         self.completed = 0
         self.grad_at_start = True
+        # Two-phase groups (SPEC section 3): sites whose sources share all but the last one
+        # (the completed blocks), and eps; phase 1 reads the shared blocks once for all of them.
+        groups: dict[tuple, list[int]] = {}
+        for j, sp in enumerate(plan.sites):
+            if sp.param_prefix is not None:
+                groups.setdefault((sp.schedule.sources[:-1], sp.eps), []).append(j)
+        self.group_of = {j: members for members in groups.values() if len(members) > 1 for j in members}
 
     def __getstate__(self):
         d = self.__dict__.copy()
@@ -165,9 +173,11 @@ def _dynamo_location(token: int) -> tuple[int, ...]:
         frames = []
         while tx is not None and len(frames) < _FRAME_WALK:
             inst = getattr(tx, "current_instruction", None)
-            line = getattr(getattr(inst, "positions", None), "lineno", None) or tx.lineno
+            pos = getattr(inst, "positions", None)
+            line = getattr(pos, "lineno", None) or tx.lineno
+            cols = None if getattr(pos, "col_offset", None) is None else (pos.col_offset, pos.end_col_offset)
             var = tx.symbolic_locals.get("self")
-            frames.append((tx.f_code.co_filename, line, getattr(inst, "offset", None), getattr(var, "value", None)))
+            frames.append((tx.f_code.co_filename, line, cols, getattr(var, "value", None)))
             tx = tx.parent
     except AttributeError as exc:  # another torch: its Dynamo internals differ
         raise PlanMismatchError(
@@ -176,8 +186,8 @@ def _dynamo_location(token: int) -> tuple[int, ...]:
         ) from exc
     if not frames:
         return ()
-    file, line, lasti = frames[0][:3]
-    return rt._match(file, line, lasti, [s for *_, s in frames])
+    file, line, cols = frames[0][:3]  # Dynamo renumbers bytecode: match the column span, not the offset
+    return rt._match(file, line, None, [s for *_, s in frames], cols=cols)
 
 
 # -- the runtime ---------------------------------------------------------------------------------
@@ -317,6 +327,23 @@ class AttnResRuntime:
         self.__dict__.update(state)
         self._setup()
 
+    # -- two-phase inference ---------------------------------------------------------------
+    two_phase: bool | None = None
+    """None (default): the two-phase schedule serves sites in eager no-grad calls on CUDA, where
+    its one read of the completed blocks per block pays; on CPU the single-pass op measured
+    faster (docs/performance.md). True / False force it on / off (eager no-grad calls only:
+    training needs the single-pass op's backward, and captures keep one node per site)."""
+
+    def _two_phase_now(self, t: Tensor) -> bool:
+        if torch.is_grad_enabled() or _dynamo_compiling() or torch.compiler.is_exporting():
+            return False
+        want = self.two_phase if self.two_phase is not None else t.is_cuda
+        if not want:
+            return False
+        from .two_phase import two_phase_available
+
+        return two_phase_available()
+
     # -- scopes ----------------------------------------------------------------------------
     def _in_mode(self, fn, args, kwargs):
         if _dynamo_compiling():
@@ -377,12 +404,17 @@ class AttnResRuntime:
                 m._gradient_checkpointing_func = _CheckpointFunc(self, f)
 
     # -- matching --------------------------------------------------------------------------
-    def _match(self, file: str, line: int, lasti: int | None, selves: list) -> tuple[int, ...]:
+    def _match(self, file: str, line: int, lasti: int | None, selves: list, cols=None) -> tuple[int, ...]:
+        """Entries planned at (file, line) for the innermost module among `selves`; `lasti`
+        (eager: the frame's bytecode offset) or `cols` (Dynamo: the instruction's column span)
+        picks among several adds on one line."""
         idx = self._by_line.get((file, line))
         if not idx:
             return ()
         if self._use_lasti and lasti is not None:
             idx = [i for i in idx if self.entries[i].site.lasti in (None, lasti)]
+        if cols is not None:
+            idx = [i for i in idx if self.entries[i].site.cols in (None, cols)]
         for s in selves:
             if s is None:
                 continue
@@ -536,8 +568,12 @@ class AttnResRuntime:
         else:
             nblocks, npartial = blocks, new_partial
             sources = [*blocks, new_partial]
-        site = chain.sites[-1] if last else chain.sites[l + 1]
-        h = _site_output(site, sources, plan.feature_axis)
+        j = len(plan.links) if last else l + 1
+        site = chain.sites[j]
+        if j in chain.group_of and self._two_phase_now(sources[0]):
+            h = _two_phase_site(chain, run, j, sources, plan.feature_axis)
+        else:
+            h = _site_output(site, sources, plan.feature_axis)
         if not replay:
             if not _dynamo_compiling() and torch.is_grad_enabled():
                 run.snaps.append((blocks, partial))
@@ -551,14 +587,41 @@ class AttnResRuntime:
         return h
 
 
-def _site_output(site, sources: list[Tensor], axis: int) -> Tensor:
-    if site is None:  # one source: the identity
-        return sources[0]
+def _two_phase_site(chain: _ChainRuntime, run: _Run, j: int, sources: list[Tensor], axis: int) -> Tensor:
+    """Site j by the two-phase schedule: phase 1 once per group over its shared blocks (at the
+    group's first site), phase 2 merges this site's last source."""
+    members = chain.group_of[j]
+    sources = _common_dtype(sources)
+    if axis != -1:
+        sources = [s.movedim(axis, -1) for s in sources]
+    stats = run.phase1.get(members[0])
+    if stats is None or j == members[0]:
+        qs = torch.stack([chain.sites[k].query for k in members])
+        gs = torch.stack([chain.sites[k].norm_weight for k in members])
+        stats = torch.ops.attnres.depth_attention_phase1.default(sources[:-1], qs, gs, chain.sites[j].eps)
+        run.phase1[members[0]] = stats
+    o, m, z = stats
+    k = members.index(j)
+    site = chain.sites[j]
+    h = torch.ops.attnres.depth_attention_phase2.default(o[k], m[k], z[k], sources[-1], site.query,
+                                                         site.norm_weight, site.eps, site.scale)
+    if axis != -1:
+        h = h.movedim(-1, axis)
+    return h
+
+
+def _common_dtype(sources: list[Tensor]) -> list[Tensor]:
     dtype = sources[0].dtype
     for s in sources[1:]:
         if s.dtype != dtype:
             dtype = torch.promote_types(dtype, s.dtype)
-    sources = [s if s.dtype == dtype else s.to(dtype) for s in sources]
+    return [s if s.dtype == dtype else s.to(dtype) for s in sources]
+
+
+def _site_output(site, sources: list[Tensor], axis: int) -> Tensor:
+    if site is None:  # one source: the identity
+        return sources[0]
+    sources = _common_dtype(sources)
     if axis != -1:
         sources = [s.movedim(axis, -1) for s in sources]
     h = torch.ops.attnres.depth_attention.default(sources, site.query, site.norm_weight, site.eps, site.scale)

@@ -1,4 +1,5 @@
-"""Verification as a library: the checks `attnres check` runs, returning a report object.
+"""Verification as a library: `attnres_compile.verify` runs the checks `attnres check` prints
+and returns a report object.
 
     report = attnres_compile.verify(converted, example_inputs, original=model, onnx=True)
     print(report); assert report.passed; report.to_dict()
@@ -108,9 +109,9 @@ def onnx_parity(proto, module, args: tuple, kwargs: dict, *, fused: bool = False
     fused: run the session with the fused DepthAttention kernel registered (`ort_session`)."""
     import onnxruntime as ort
 
-    from .lowering.onnx_export import default_export_kwargs
+    from .capture import without_cache
 
-    kwargs = default_export_kwargs(module, kwargs)
+    kwargs = without_cache(module, kwargs)
     if fused:
         from .lowering.onnx_export import ort_session
 
