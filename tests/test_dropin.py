@@ -445,8 +445,9 @@ def _run_fresh(code: str, *args) -> str:
     return r.stdout
 
 
-def test_save_pretrained_and_from_pretrained_in_a_fresh_process(tmp_path):
-    model = build("llama")
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox_parallel"])
+def test_save_pretrained_and_from_pretrained_in_a_fresh_process(tmp_path, name):
+    model = build(name)
     conv = perturb(ac.convert(model, (IDS,), preserve="exact", num_blocks=2))
     conv.save_pretrained(tmp_path / "ckpt")
     ids, mask = padded_batch()
@@ -496,7 +497,7 @@ def test_transformers_trainer_trains_a_converted_model(tmp_path):
 
 # -- 7. saving whole --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", "examples_gpt"])
+@pytest.mark.parametrize("name", ["llama", "vit", "examples_gpt"])
 def test_torch_save_load_in_a_fresh_process(tmp_path, name):
     if name == "examples_gpt":
         from examples.gpt import GPT, GPTConfig
@@ -504,7 +505,7 @@ def test_torch_save_load_in_a_fresh_process(tmp_path, name):
         torch.manual_seed(0)
         model, x = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)).eval(), torch.randint(0, 256, (2, 9))
     else:
-        model, x = build(name), IDS
+        model, x = build(name), ARCH[name]["args"][0]
     conv = perturb(ac.convert(model, (x,), num_blocks=2))
     buf = io.BytesIO()
     torch.save(conv, buf)  # the whole module: class, tree, parameters, plan
