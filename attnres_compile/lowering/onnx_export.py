@@ -107,7 +107,10 @@ def export_onnx(model: torch.nn.Module, example_inputs, path: str | os.PathLike 
             "convert it first"
         )
     args, kwargs = normalize_inputs(example_inputs, kwargs)
+    added = without_cache(model, kwargs).keys() - kwargs.keys()
     kwargs = without_cache(model, kwargs)
+    if isinstance(dynamic_shapes, dict) and added:
+        dynamic_shapes = {**dynamic_shapes, **{k: None for k in added}}
     was_training = model.training
     model.eval()
     try:
