@@ -17,6 +17,7 @@ from .api import (
 from .errors import AttnResError, CaptureError, ModeMismatchError, NoEligibleChainError, PlanMismatchError
 from .hf import from_pretrained
 from .lowering.onnx_export import export_onnx
+from .lowering.onnx_generate import export_decoder, export_for_generation, ort_generate
 from .report import ConversionReport
 from .checks import VerifyReport, verify
 
@@ -28,6 +29,9 @@ __all__ = [
     "ChainInfo",
     "attnres_parameters",
     "export_onnx",
+    "export_decoder",
+    "export_for_generation",
+    "ort_generate",
     "attnres_state_dict",
     "save_attnres",
     "load_attnres_state_dict",

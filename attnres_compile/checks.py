@@ -264,9 +264,32 @@ def check_onnx(converted, args: tuple, kwargs: dict, limit: float) -> Check:
     return Check("onnx parity", ok, _jsonable(err), limit, detail)
 
 
+def check_generation(original, converted, args: tuple, new_tokens: int) -> Check:
+    """Greedy tokens from the example prompt: the original, the converted model (generate()) and
+    its decoder with past in onnxruntime must agree (exact mode at step 0)."""
+    from .lowering.onnx_generate import export_decoder, ort_generate
+
+    if not callable(getattr(converted, "generate", None)):
+        return Check("generation", False, None, None, f"{type(converted).__name__} has no generate(): not a "
+                                                      "generative model")
+    prompt = args[0]
+    gen = getattr(converted, "generation_config", None)
+    eos, pad = getattr(gen, "eos_token_id", None), getattr(gen, "pad_token_id", None)
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad if pad is not None else eos)
+    with torch.no_grad():
+        want = original.eval().generate(prompt, **kw)
+        got = converted.eval().generate(prompt, **kw)
+        ort = ort_generate(export_decoder(converted), prompt, max_new_tokens=new_tokens, eos_token_id=eos,
+                           pad_token_id=pad)
+    same_pt, same_ort = bool(torch.equal(got, want)), ort.shape == want.shape and bool(torch.equal(ort, want))
+    detail = (f"{new_tokens} greedy tokens: PyTorch {'equal to' if same_pt else 'DIFFERENT from'} the original, "
+              f"onnxruntime (decoder with past) {'equal' if same_ort else 'DIFFERENT'}")
+    return Check("generation", same_pt and same_ort, int(same_pt) + int(same_ort), 2, detail)
+
+
 def verify(converted, example_inputs, *, kwargs: dict | None = None, original=None,
            expect_sites: int | None = None, max_rel_err: float = 1e-5, onnx: bool = False,
-           onnx_max_rel_err: float = 1e-4, on_check=None) -> VerifyReport:
+           onnx_max_rel_err: float = 1e-4, generate: int | None = None, on_check=None) -> VerifyReport:
     """Run the conversion checks on `converted` with `example_inputs` (and `kwargs`).
 
     Args:
@@ -274,6 +297,8 @@ def verify(converted, example_inputs, *, kwargs: dict | None = None, original=No
             preserve="exact", or in "scale" when the consumers' norm eps is negligible).
         expect_sites: the number of depth-attention sites expected.
         max_rel_err / onnx_max_rel_err: the limits of the equivalence and ONNX checks.
+        generate: N greedy tokens from the prompt (`example_inputs[0]`) with `original`, the
+            converted model and its ONNX decoder with past; all three must agree.
         on_check: called with each Check as it completes (the CLI prints them as they come).
 
     A check that raises is a failed check whose detail names the exception.
@@ -293,6 +318,10 @@ def verify(converted, example_inputs, *, kwargs: dict | None = None, original=No
     steps.append(("gradient flow", lambda: check_gradients(converted, args, kwargs)))
     if onnx:
         steps.append(("onnx parity", lambda: check_onnx(converted, args, kwargs, onnx_max_rel_err)))
+    if generate:
+        if original is None:
+            raise ValueError("verify(generate=N) compares with the original model: pass original=")
+        steps.append(("generation", lambda: check_generation(original, converted, args, generate)))
     for name, run in steps:
         try:
             result = run()

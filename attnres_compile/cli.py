@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", action="store_true",
                    help="also check onnxruntime with the fused DepthAttention kernel registered "
                         "(attnres_compile.lowering.onnx_export.ort_session; CPU, float32)")
+    p.add_argument("--with-cache", action="store_true",
+                   help="export a decoder with past for generation (inputs past_key_values.*, outputs "
+                        "present.*) plus genai_config.json beside it, and check that onnxruntime "
+                        "generates the tokens PyTorch generates")
+    p.add_argument("--new-tokens", type=_positive_int, default=8, metavar="N",
+                   help="with --with-cache: how many tokens the generation check makes (default 8)")
     dynamic_arg(p, "export")
     p.add_argument("--max-rel-err", type=_positive_float, default=1e-4, metavar="X",
                    help="largest accepted relative error, onnxruntime vs PyTorch (default 1e-4)")
@@ -210,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also export to ONNX (random non-zero queries) and compare onnxruntime with PyTorch")
     p.add_argument("--onnx-max-rel-err", type=_positive_float, default=1e-4, metavar="X",
                    help="largest accepted relative error of the ONNX parity check (default 1e-4)")
+    p.add_argument("--generate", type=_positive_int, metavar="N",
+                   help="also generate N greedy tokens from the example prompt with the original, the "
+                        "converted model (PyTorch generate) and a decoder with past in onnxruntime; "
+                        "all three must agree")
     p.add_argument("--json", metavar="FILE", help="write the checks and the report as JSON")
     p.set_defaults(func=cmd_check)
 
@@ -654,7 +664,11 @@ def cmd_export(args, ui: UI) -> int:
 
     if args.fused and args.inline:
         raise BadInput("--fused needs DepthAttention nodes; it cannot be combined with --inline")
+    if args.with_cache and args.dynamic:
+        raise BadInput("--with-cache exports dynamic batch, sequence and past length already; drop --dynamic")
     target = load_target(args, ui)
+    if args.with_cache:
+        return _export_with_cache(target, args, ui)
     converted = convert_target(target, args, ui, args.preserve).eval()
     out = Path(args.output)
     if out.parent and not out.parent.exists():
@@ -695,6 +709,49 @@ def cmd_export(args, ui: UI) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def _export_with_cache(target: Target, args, ui: UI) -> int:
+    import torch
+
+    from .lowering.onnx_generate import decoder_spec, export_decoder, ort_generate, write_genai_config
+
+    converted = convert_target(target, args, ui, args.preserve).eval()
+    out = Path(args.output)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with ui.step("exporting the decoder with past to ONNX"):
+        spec = decoder_spec(converted)  # a model without a cache argument: bad input, exit 2
+        try:
+            proto = export_decoder(converted, out, inline=args.inline)
+        except Exception as exc:
+            raise Failed(f"ONNX export with cache failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        config = None
+        if getattr(converted, "config", None) is not None:
+            config = write_genai_config(converted, out.parent, filename=out.name, spec=spec)
+    ui.print(f"converted {_summary(converted.attnres_report)}")
+    ui.print(f"onnx: {out} (decoder with past: {spec.num_layers} layers of past_key_values.*.key/value in, "
+             f"present.* out; dynamic batch, sequence and past length)")
+    if config is not None:
+        ui.print(f"onnxruntime-genai config: {config}")
+    prompt = target.args[0]
+    gen = getattr(converted, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    pad = getattr(gen, "pad_token_id", None)
+    with torch.no_grad():
+        want = converted.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False,
+                                  pad_token_id=pad if pad is not None else eos)
+    sessions = [("onnxruntime", False)] + ([("onnxruntime + fused kernel", True)] if args.fused else [])
+    ok = True
+    with ui.step("generating in onnxruntime"):
+        results = [(who, ort_generate(proto, prompt, max_new_tokens=args.new_tokens, eos_token_id=eos,
+                                      pad_token_id=pad, fused=fused)) for who, fused in sessions]
+    for who, got in results:
+        passed = got.shape == want.shape and bool(torch.equal(got, want))
+        ok &= passed
+        ui.print(f"{'PASS' if passed else 'FAIL'}  {who} generates PyTorch's {args.new_tokens} greedy tokens"
+                 + ("" if passed else f": {got[0].tolist()} vs {want[0].tolist()}"), style=None if passed else "red")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
 def _dyn_text(dynamic: dict) -> str:
     parts = []
     for name, spec in dynamic.items():
@@ -720,10 +777,13 @@ def cmd_check(args, ui: UI) -> int:
                      f"{c.name:<20} ", end="", highlight=False)
         ui.out.print(c.detail, markup=False, highlight=False)
 
-    with ui.step("checking (step-0 equivalence, gradient flow" + (", onnx parity)" if args.onnx else ")")):
+    what = ["step-0 equivalence", "gradient flow", *(["onnx parity"] if args.onnx else []),
+            *(["generation"] if args.generate else [])]
+    with ui.step(f"checking ({', '.join(what)})"):
         result = verify(converted, target.args, kwargs=target.kwargs, original=target.model,
                         expect_sites=args.expect_sites, max_rel_err=args.max_rel_err, onnx=args.onnx,
-                        onnx_max_rel_err=args.onnx_max_rel_err, on_check=show if ui.debug else None)
+                        onnx_max_rel_err=args.onnx_max_rel_err, generate=args.generate,
+                        on_check=show if ui.debug else None)
     if not ui.debug:
         for c in result.checks:
             show(c)

@@ -25,7 +25,9 @@ def _runs(tmp: Path) -> dict[str, list[str]]:
     return {
         # the CI gate: passes on the examples GPT (ONNX and JSON too) and on a tiny HF LLaMA
         "check_gpt": ["check", f"{M}:gpt_small", "--expect-sites", "9", "--onnx", "--json", str(tmp / "check.json")],
-        "check_llama": ["check", f"{M}:hf_llama", "--expect-sites", "5"],
+        "check_llama": ["check", f"{M}:hf_llama", "--expect-sites", "5", "--generate", "6"],
+        "export_cache": ["export", f"{M}:hf_llama", "-o", str(tmp / "dec" / "model.onnx"), "--with-cache", "--fused"],
+        "export_cache_no_cache": ["export", f"{M}:gpt_small", "-o", str(tmp / "x2.onnx"), "--with-cache"],
         "check_wrong_sites": ["check", f"{M}:gpt_small", "--expect-sites", "8"],
         # inspect a bare module instance with --input-shape; JSON report
         "inspect": ["inspect", f"{M}:gpt_module", "--input-shape", "2,16", "--input-dtype", "long",
@@ -105,11 +107,25 @@ def test_check_passes_on_examples_gpt_with_onnx_and_json(cli):
     assert len(data["report"]["parameters"]) == 16
 
 
-def test_check_passes_on_hf_llama(cli):
+def test_check_passes_on_hf_llama_with_generation(cli):
     r = cli("check_llama")
     _ok(r)
     assert "LlamaForCausalLM" in r.stdout and "5 (expected 5)" in r.stdout
-    assert r.stdout.count("PASS") == 3 and "check passed" in r.stdout
+    assert r.stdout.count("PASS") == 4 and "check passed" in r.stdout
+    assert "6 greedy tokens: PyTorch equal to the original, onnxruntime (decoder with past) equal" in r.stdout
+
+
+def test_export_with_cache_writes_a_decoder_that_generates(cli):
+    r = cli("export_cache")
+    _ok(r)
+    assert "decoder with past: 2 layers" in r.stdout and "genai_config.json" in r.stdout
+    assert "PASS  onnxruntime generates PyTorch's 8 greedy tokens" in r.stdout
+    assert "PASS  onnxruntime + fused kernel generates" in r.stdout
+    config = json.loads((cli.tmp / "dec" / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "model.onnx" and config["model"]["type"] == "llama"
+    r = cli("export_cache_no_cache")
+    _ok(r, 2)
+    assert "GPT.forward takes no cache argument" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_check_fails_with_wrong_site_count(cli):

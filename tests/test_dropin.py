@@ -663,3 +663,25 @@ def test_two_phase_inference_equals_the_single_pass(block_size):
     else:
         assert phase2 > 0 and phase1 < phase2
     assert rel_err(fast, plain) <= 1e-5
+
+
+def test_a_saved_plan_finds_the_models_code_by_module_and_checks_it():
+    """A plan made in another environment names files elsewhere: its adds are found again through
+    their Python module; a plan whose lines no longer hold the add is refused naming both."""
+    from attnres_compile.passes.plan import ConversionPlan
+
+    model = build("llama")
+    conv = perturb(ac.convert(model, (IDS,), preserve="exact", num_blocks=2))
+    moved = conv.attnres.plan.to_dict()
+    for c in moved["chains"]:
+        for lk in c["links"]:
+            lk["add"]["file"] = "/elsewhere/site-packages/" + lk["add"]["file"].split("site-packages/")[-1]
+    fresh = ac.apply_plan(build("llama"), ConversionPlan.from_dict(moved))
+    ac.load_attnres_state_dict(fresh, ac.attnres_state_dict(conv))
+    with torch.no_grad():
+        assert rel_err(fresh(IDS).logits, conv(IDS).logits) <= 1e-6
+    stale = conv.attnres.plan.to_dict()
+    stale["chains"][0]["links"][1]["add"]["line"] -= 1
+    with pytest.raises(ac.PlanMismatchError, match=r"chain 0, sublayer 1: the plan expects `hidden_states = "
+                                                   r"residual \+ hidden_states` at .*modeling_llama.py:\d+, but that line"):
+        ac.apply_plan(build("llama"), ConversionPlan.from_dict(stale))

@@ -83,8 +83,8 @@ def translation_table() -> dict:
     return {torch.ops.attnres.depth_attention.default: translate}
 
 
-def export_onnx(model: torch.nn.Module, example_inputs, path: str | os.PathLike | None = None, *,
-                kwargs: dict | None = None, dynamic_shapes=None, inline: bool = False):
+def export_onnx(model: torch.nn.Module, example_inputs=None, path: str | os.PathLike | None = None, *,
+                kwargs: dict | None = None, dynamic_shapes=None, inline: bool = False, with_cache: bool = False):
     """Export a converted module to ONNX; returns the onnx.ModelProto (also saved to `path`).
 
     Args:
@@ -94,12 +94,20 @@ def export_onnx(model: torch.nn.Module, example_inputs, path: str | os.PathLike 
         kwargs: keyword inputs.
         dynamic_shapes: as for torch.export, e.g. ``{"input_ids": {0: Dim("batch"), 1: Dim("seq")}}``.
         inline: expand every DepthAttention node into plain ONNX ops (no functions).
+        with_cache: export a decoder with past for generation instead (`onnx_generate.export_decoder`:
+            past_key_values.* in, present.* out, dynamic batch, sequence and past length; the
+            example inputs are not needed).
     """
     import onnx
     import onnx.inliner
 
     from ..api import is_converted
     from ..capture import normalize_inputs, without_cache
+
+    if with_cache:
+        from .onnx_generate import export_decoder
+
+        return export_decoder(model, path, inline=inline)
 
     if not is_converted(model):
         raise TypeError(

@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import AttnResError
 from .onnx_export import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, function_proto, translation_table
 
 
-class GenerationExportError(ValueError):
+class GenerationExportError(AttnResError, ValueError):
     """The model cannot be exported as a decoder with past; the message says why and what to do."""
 
 
@@ -143,6 +144,15 @@ def export_decoder(model: nn.Module, path: str | os.PathLike | None = None, *, i
     if not is_converted(model):
         raise TypeError(f"export_decoder expects a model converted by attnres_compile.convert(), got "
                         f"{type(model).__name__}")
+    return _export_decoder(model, path, inline=inline)
+
+
+def _export_decoder(model: nn.Module, path=None, *, inline: bool = False):
+    """export_decoder without the converted-model check (benchmarks export the original too)."""
+    import onnx
+    import onnx.inliner
+    from torch.export import Dim
+
     was_training = model.training
     model.eval()
     try:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import os
 import sys
 import threading
 import weakref
@@ -56,7 +57,6 @@ _INPLACE = frozenset({torch.Tensor.add_, torch.Tensor.__iadd__, _TB.add_, _TB.__
 _IADD = frozenset({torch.Tensor.__iadd__, _TB.__iadd__})  # `x += y`: Python rebinds x to the result
 _REVERSED = frozenset({torch.Tensor.__radd__, _TB.__radd__})
 _FRAME_WALK = 8  # frames searched upward for the module that runs an add (helpers in between)
-_THIS_FILE = __file__
 
 
 def _dynamo_compiling() -> bool:
@@ -76,7 +76,7 @@ class _Run:
         self.partial = None
         self.next = 0
         self.snaps: list[tuple[tuple, Tensor | None]] = []  # (blocks, partial) before each link
-        self.pending: list[Tensor] = []  # branches of a parallel link's inner adds (Dynamo path)
+        self.pending: list[Tensor] = []  # branches held by the inner adds of a parallel link
         self.detached = detached  # started inside backward (a recompute): not the chain's current run
         self.phase1: dict[int, tuple] = {}  # first site of a two-phase group -> (o, m, z)
 
@@ -286,7 +286,7 @@ class AttnResRuntime:
                 for k, add in enumerate([*link.absorbed, link.add]):
                     inner = k if k < len(link.absorbed) else -1
                     container = _module_at(root, add.container, f"chain {cp.index}, sublayer {li}")
-                    _check_code(add, cp.index, li)
+                    add = _located(add, cp.index, li)
                     self.entries.append(_Entry(container, chain, li, inner, add))
         self._wrap(root)
         self._setup()
@@ -654,17 +654,32 @@ def _path_of(root: nn.Module, m: nn.Module) -> str:
     return "?"
 
 
-def _check_code(add: AddSite, chain: int, link: int) -> None:
-    """The plan's add must still be at its file and line (a plan installed on other code is not)."""
+def _located(add: AddSite, chain: int, link: int) -> AddSite:
+    """The plan's add, with its file as this process names it (a plan saved on another machine or
+    in another environment names the module's file elsewhere), checked to still hold the code."""
+    import dataclasses
+    import importlib
     import linecache
 
-    if not add.code or add.file.startswith("<"):  # generated code (fx GraphModule): no file to check
-        return
-    text = linecache.getline(add.file, add.line).strip()
-    if text and text != add.code:
+    if add.file.startswith("<"):  # generated code (an fx GraphModule): nothing to find or check
+        return add
+    path = add.file
+    if not os.path.exists(path) and add.module_name:
+        try:
+            found = getattr(importlib.import_module(add.module_name), "__file__", None)
+        except ImportError:
+            found = None
+        if found:
+            path = found
+    if not os.path.exists(path):
+        raise PlanMismatchError(f"chain {chain}, sublayer {link}: the plan's residual add is in {add.file} "
+                                f"(module {add.module_name or 'unknown'}), which this environment does not have")
+    text = linecache.getline(path, add.line).strip()
+    if add.code and text != add.code:
         raise PlanMismatchError(
-            f"chain {chain}, sublayer {link}: the plan expects `{add.code}` at {add.file}:{add.line}, but that line "
+            f"chain {chain}, sublayer {link}: the plan expects `{add.code}` at {path}:{add.line}, but that line "
             f"is `{text}`; the model's code changed since it was converted (another version of its library?)")
+    return add if path == add.file else dataclasses.replace(add, file=path)
 
 
 def install(root: nn.Module, plan: ConversionPlan, params: nn.Module) -> AttnResRuntime:
