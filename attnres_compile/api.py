@@ -18,7 +18,7 @@ from .passes.graph_utils import module_path, source_line
 from .passes.plan import ConversionPlan, SitePlan, chain_owner, chain_plan, plan_chain
 from .passes.graph_rewrite import rewrite_chain
 from .passes.rewrite import install
-from .passes.schedule import resolve_block_size
+from .passes.schedule import layer_structure, resolve_block_size
 from .report import ChainReport, ConversionReport, LeftAloneReport, SiteReport
 
 PRESERVE_MODES = ("scale", "exact")
@@ -163,7 +163,8 @@ def _convert_graph_module(gm, args, kwargs, *, num_blocks, block_size, preserve,
     cap = capture(gm, args, kwargs, training=gm.training, dynamic=False)
     out = cap.module
     analysis = analyse_streams(out.graph)
-    chains, plans, refused = _select(analysis, preserve, num_blocks, block_size, eps, filter_fn=filter_fn)
+    chains, plans, refused = _select(analysis, preserve, num_blocks, block_size, eps, filter_fn=filter_fn,
+                                     graph=True)
     report = _report(name, analysis, chains, plans, refused, preserve, num_blocks, block_size, True)
     if not chains:
         raise NoEligibleChainError(_no_chain_message(name, analysis, refused, preserve), report)
@@ -280,11 +281,16 @@ def attnres_parameters(converted: nn.Module) -> dict[str, nn.Parameter]:
 # -- helpers -----------------------------------------------------------------------------------
 
 def _select(analysis: StreamAnalysis, preserve, num_blocks, block_size, eps, skip=(), pairs=None,
-            filter_fn=None):
+            filter_fn=None, graph=False):
     skip_ids = {id(c) for c, _ in skip}
     chains, plans, refused = [], [], []
     for chain in analysis.chains:
         if id(chain) in skip_ids:
+            continue
+        if graph and chain.reshaped:
+            refused.append((chain, "the stream changes its token layout between sublayers (a reshape of the "
+                                   "tokens); a converted module follows that, a graph rewrite does not: "
+                                   "convert() the model, then torch.compile it"))
             continue
         if filter_fn is not None and not filter_fn(ChainInfo.of(chain)):
             refused.append((chain, "not selected (filter_fn returned False)"))
@@ -297,10 +303,15 @@ def _select(analysis: StreamAnalysis, preserve, num_blocks, block_size, eps, ski
             refused.append((chain, f"not PreNorm in eval mode: {other.prenorm_reason}; "
                                    f"convert it with preserve='exact'"))
             continue
-        s = resolve_block_size(len(chain.links), num_blocks, block_size)
+        s = resolve_block_size(len(chain.links), num_blocks, block_size, chain_layers(chain))
         chains.append((chain, s))
         plans.append(plan_chain(chain, len(plans), s, preserve=preserve, eps=eps))
     return chains, plans, refused
+
+
+def chain_layers(chain) -> tuple[int, int] | None:
+    """(layers, sublayers per layer) of a captured chain (passes/schedule.layer_structure)."""
+    return layer_structure([module_path(a) for link in chain.links for a in link.adds[-1:]])
 
 
 def _chain_key(chain) -> tuple:
@@ -323,7 +334,7 @@ def _match_modes(train_an: StreamAnalysis, eval_an: StreamAnalysis, preserve, nu
     of AttnRes parameters serves both graphs.
     """
     def layout(chain):
-        s = resolve_block_size(len(chain.links), num_blocks, block_size)
+        s = resolve_block_size(len(chain.links), num_blocks, block_size, chain_layers(chain))
         return _layout([plan_chain(chain, 0, s, preserve=preserve, eps=eps)]), [
             (p.eps, p.scale, p.dtype) for p in plan_chain(chain, 0, s, preserve=preserve, eps=eps)]
 
@@ -444,12 +455,15 @@ def _report(name, analysis, chains, plans, refused, preserve, num_blocks, block_
             )
             for p in chain_plans
         ]
+        layers = chain_layers(chain)
         chain_reports.append(ChainReport(
             index=chain_plans[0].chain, start=chain.start.name, start_where=source_line(chain.start),
             num_sublayers=len(chain.links), block_size=s, prenorm=chain.is_prenorm,
             note=None if chain.is_prenorm else f"converted with preserve='exact' although {chain.prenorm_reason}",
             sites=sites,
             extra_uses=[f"{u.name} (site{i})" for i, u in chain.extra_uses],
+            layers=layers[0] if layers else None, sublayers_per_layer=layers[1] if layers else None,
+            schedule=_schedule_text(len(chain.links), s, num_blocks, block_size, layers),
         ))
     left = [LeftAloneReport(la.node.name, source_line(la.node), module_path(la.node), la.reason)
             for la in analysis.left_alone]
@@ -469,6 +483,31 @@ def _report(name, analysis, chains, plans, refused, preserve, num_blocks, block_
     )
 
 
+def _schedule_text(num_sublayers, s, num_blocks, block_size, layers) -> str:
+    count_ = -(-num_sublayers // s)
+    blocks = f"{count_} block{'s' if count_ != 1 else ''}"
+    if block_size is not None:
+        return f"block_size={block_size} as given: {blocks}"
+    n = 8 if num_blocks is None else num_blocks
+    if layers is not None:
+        count, k = layers
+        text = (f"num_blocks={n} over {count} layers of {k} sublayer{'s' if k != 1 else ''}: "
+                f"S = {k} x ceil({count}/{n}) = {s}, {blocks}")
+        if count_ < n:
+            text += f" (fewer than {n}: every block starts at a layer's first sublayer)"
+        return text
+    return f"num_blocks={n} over {num_sublayers} sublayers (no layer structure found): S = ceil({num_sublayers}/{n}) = {s}"
+
+
+# Left-alone reasons from most to least like a residual add, for the one a refusal quotes.
+_RESIDUAL_LIKE = ("scaled residual", "single residual add", "PostNorm", "in-place add", "mixed dtypes",
+                  "alpha", "holds no matmul", "broadcasting or bias", "independent", "rotary")
+
+
+def _residual_rank(reason: str) -> int:
+    return next((i for i, key in enumerate(_RESIDUAL_LIKE) if key in reason), len(_RESIDUAL_LIKE))
+
+
 def _no_chain_message(name, analysis, refused, preserve) -> str:
     reasons = Counter()
     example = {}
@@ -481,8 +520,9 @@ def _no_chain_message(name, analysis, refused, preserve) -> str:
         if not left:
             why = "the graph has no add operations at all (no residual connections)"
         else:
+            best = min(left, key=lambda la: _residual_rank(la.reason))
             why = (f"none of its {len(left)} add(s) is a residual add of a stream "
-                   f"(e.g. {left[0].node.name}: {left[0].reason})")
+                   f"(the closest: {best.node.name} at {source_line(best.node) or '?'}: {best.reason})")
     else:
         parts = []
         for key, n in reasons.most_common(3):

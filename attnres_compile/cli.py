@@ -88,6 +88,41 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _dim_bound(text: str) -> tuple[str, int | None, int | None]:
+    """`NAME=MIN:MAX` (either bound may be empty) for --dim."""
+    name, sep, bounds = text.partition("=")
+    lo, sep2, hi = bounds.partition(":")
+    if not sep or not sep2 or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=MIN:MAX (e.g. seq=1:32), got {text!r}")
+    try:
+        lo_v, hi_v = (int(lo) if lo else None), (int(hi) if hi else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bounds of {name} must be integers, got {bounds!r}") from None
+    if lo_v is not None and hi_v is not None and lo_v > hi_v:
+        raise argparse.ArgumentTypeError(f"{name}: MIN {lo_v} is larger than MAX {hi_v}")
+    return name, lo_v, hi_v
+
+
+def _bounds(args) -> dict[str, tuple[int | None, int | None]]:
+    """The --dim / --max-batch / --max-seq bounds by dim name; any of them turns --dynamic on."""
+    out = {name: (lo, hi) for name, lo, hi in getattr(args, "dim", []) or []}
+    for name, flag in (("batch", "max_batch"), ("seq", "max_seq")):
+        if getattr(args, flag, None) is not None:
+            out[name] = (out.get(name, (None, None))[0], getattr(args, flag))
+    if out:
+        args.dynamic = True
+    return out
+
+
+def _suggested_fix(exc: BaseException) -> str:
+    """torch.export's "Suggested fixes" lines (e.g. `seq = Dim('seq', max=32)`), as one line."""
+    text = str(exc)
+    if "Suggested fixes:" not in text:
+        return ""
+    lines = [ln.strip() for ln in text.split("Suggested fixes:", 1)[1].splitlines() if "Dim(" in ln]
+    return "; torch suggests " + ", ".join(lines[:4]) + " (set bounds with --dim NAME=MIN:MAX)" if lines else ""
+
+
 def _dtype(text: str) -> str:
     key = text.lower().removeprefix("torch.")
     if key not in DTYPES:
@@ -149,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dynamic", action="store_true",
                        help=f"{what} with a dynamic dim 0 of every tensor input (and dim 1 of 2-D "
                             "integer inputs, e.g. token ids) via torch.export.Dim")
+        p.add_argument("--dim", action="append", type=_dim_bound, default=[], metavar="NAME=MIN:MAX",
+                       help="bounds of a dynamic dim (names: batch, seq; e.g. seq=1:32); implies --dynamic")
+        p.add_argument("--max-batch", type=_positive_int, metavar="N", help="shorthand for --dim batch=1:N")
+        p.add_argument("--max-seq", type=_positive_int, metavar="N", help="shorthand for --dim seq=1:N")
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -240,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the training-dynamics study (examples/train_lm.py; needs a source checkout)",
                        description="Runs examples/train_lm.py with the remaining arguments: "
                                    "`attnres train run --variant block4`, `attnres train study`, "
-                                   "`attnres train plot`. See docs/results.md.")
+                                   "`attnres train plot`; run records go to ./attnres_runs/ unless "
+                                   "--out says otherwise. See docs/results.md.")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
     return parser
@@ -469,10 +509,11 @@ def convert_target(target: Target, args, ui: UI, preserve: str):
                        block_size=args.block_size, preserve=preserve)
 
 
-def dynamic_shapes_for(module, args: tuple, kwargs: dict) -> dict:
+def dynamic_shapes_for(module, args: tuple, kwargs: dict, bounds: dict | None = None) -> dict:
     """torch.export dynamic_shapes: dim 0 of every tensor input, and dim 1 of 2-D integer inputs.
 
-    Inputs whose dims have the same size share one Dim (e.g. input_ids and attention_mask).
+    Inputs whose dims have the same size share one Dim (e.g. input_ids and attention_mask);
+    `bounds` gives a dim's (min, max) by name ("batch", "seq", "seq_1", ...).
     """
     import torch
     from torch.export import Dim
@@ -484,7 +525,9 @@ def dynamic_shapes_for(module, args: tuple, kwargs: dict) -> dict:
         key = (role, size)
         if key not in dims:
             n = sum(1 for r, _ in dims if r == role)
-            dims[key] = Dim(role if n == 0 else f"{role}_{n}")
+            name = role if n == 0 else f"{role}_{n}"
+            lo, hi = (bounds or {}).get(name, (None, None))
+            dims[key] = Dim(name, **({"min": lo} if lo is not None else {}), **({"max": hi} if hi is not None else {}))
         return dims[key]
 
     def spec(x):
@@ -617,14 +660,15 @@ def cmd_convert(args, ui: UI) -> int:
     weights = out.with_suffix(".attnres.safetensors")
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = dynamic_shapes_for(converted, target.args, target.kwargs) if args.dynamic else None
+    bounds = _bounds(args)
+    dynamic = dynamic_shapes_for(converted, target.args, target.kwargs, bounds) if args.dynamic else None
     with ui.step("exporting the converted program (torch.export)"):
         try:
             program = torch.export.export(converted, target.args, kwargs=target.kwargs, strict=False,
                                           dynamic_shapes=dynamic)
         except Exception as exc:
             raise Failed(f"torch.export of the converted model failed: {type(exc).__name__}: "
-                         f"{_first_line(exc)}") from exc
+                         f"{_first_line(exc)}{_suggested_fix(exc)}") from exc
         torch.export.save(program, out)
         save_attnres(converted, weights)
     with ui.step("verifying the saved files"):
@@ -673,13 +717,14 @@ def cmd_export(args, ui: UI) -> int:
     out = Path(args.output)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = dynamic_shapes_for(converted, target.args, target.kwargs) if args.dynamic else None
+    bounds = _bounds(args)
+    dynamic = dynamic_shapes_for(converted, target.args, target.kwargs, bounds) if args.dynamic else None
     with ui.step("exporting to ONNX"):
         try:
             proto = export_onnx(converted, target.args, out, kwargs=target.kwargs,
                                 dynamic_shapes=dynamic, inline=args.inline)
         except Exception as exc:
-            raise Failed(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise Failed(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}{_suggested_fix(exc)}") from exc
     nodes = count_depth_attention_nodes(proto)
     ui.print(f"converted {_summary(converted.attnres_report)}")
     ui.print(f"onnx: {out} ({'inlined, no DepthAttention nodes' if args.inline else f'{nodes} attnres::DepthAttention nodes'}"
@@ -814,6 +859,54 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _load_program(path: Path):
+    """torch.export.load, importing the modules of output types the program's pytree names (a
+    Hugging Face ModelOutput registers itself when its module is imported)."""
+    import importlib
+    import logging
+    import re
+
+    import torch
+
+    class Catch(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.text = []
+
+        def emit(self, record):
+            self.text.append(logging.Formatter().format(record))  # the message and its traceback
+
+    tried: set[str] = set()
+    while True:
+        catch = Catch()
+        logger = logging.getLogger("torch.export")
+        level, propagate, handlers = logger.level, logger.propagate, logger.handlers[:]
+        logger.handlers = [catch]  # the warning names the type; the user gets one line instead
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+        try:
+            return torch.export.load(path)
+        except Exception as exc:
+            found = re.search(r"Deserializing ([\w.]+) in pytree is not registered", " ".join(catch.text) + str(exc))
+            module = found.group(1).rsplit(".", 1)[0] if found else None
+            if module and module not in tried:
+                tried.add(module)
+                try:
+                    importlib.import_module(module)
+                    continue
+                except ImportError:
+                    raise BadInput(f"{path}: its outputs are {found.group(1)}, whose module {module} cannot be "
+                                   "imported here (install the library that defines it)") from exc
+            if found:
+                raise BadInput(f"{path}: its outputs are {found.group(1)}, which is not registered as a pytree "
+                               "type in this process") from exc
+            raise BadInput(f"{path} is not a program saved with torch.export.save: {_first_line(exc)}") from exc
+        finally:
+            logger.handlers = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
 def cmd_plot_weights(args, ui: UI) -> int:
     import torch
 
@@ -823,10 +916,7 @@ def cmd_plot_weights(args, ui: UI) -> int:
     if not path.is_file():
         raise BadInput(f"CONVERTED_CHECKPOINT {path} does not exist (expected a .pt2 from torch.export.save)")
     with ui.step(f"loading {path}"):
-        try:
-            program = torch.export.load(path)
-        except Exception as exc:
-            raise BadInput(f"{path} is not a program saved with torch.export.save: {_first_line(exc)}") from exc
+        program = _load_program(path)
     example = program.example_inputs
     if example is None:
         raise BadInput(f"{path} holds no example inputs to run the program on; re-save it with torch 2.6 or later")
@@ -869,6 +959,15 @@ def cmd_train(args, ui: UI) -> int:
     from examples.train_lm import main as train_main
 
     rest = [a for a in args.rest if a != "--"]
+    # Run records go under the working directory (not into the package's checkout) unless --out says
+    out = Path.cwd() / "attnres_runs"
+    if rest and rest[0] in ("run", "study") and "--out" not in rest:
+        rest += ["--out", str(out)]
+    elif rest and rest[0] == "timing" and "--out" not in rest:
+        rest += ["--out", str(out / "step_time.json")]
+    elif rest and rest[0] == "plot":
+        rest += [] if "--runs" in rest else ["--runs", str(out)]
+        rest += [] if "--figures" in rest else ["--figures", str(out / "figures")]
     try:
         return train_main(rest)
     except SystemExit as exc:   # argparse inside the script: --help or an argument error
@@ -882,7 +981,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        args = parser.parse_args(argv)
+        if argv[0] == "train":  # everything after `train` belongs to examples/train_lm.py, --help too
+            args = argparse.Namespace(command="train", rest=argv[1:], func=cmd_train, debug=False)
+        else:
+            args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, argument errors
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_BAD_INPUT)
     debug = bool(getattr(args, "debug", False))

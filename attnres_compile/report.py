@@ -37,6 +37,9 @@ class ChainReport:
     note: str | None
     sites: list[SiteReport]
     extra_uses: list[str] = field(default_factory=list)
+    layers: int | None = None             # layers of the chain, when its sublayers come k to a layer
+    sublayers_per_layer: int | None = None
+    schedule: str | None = None           # how the block size was chosen (SPEC section 2)
 
     @property
     def num_blocks(self) -> int:
@@ -114,6 +117,8 @@ class ConversionReport:
                     else "identity (one source)",
                 )
             yield t
+            if c.schedule:
+                yield Text(f"  schedule: {c.schedule}")
             yield Text("  blocks: " + " | ".join(c.block_layout()))
             if c.note:
                 yield Text(f"  note: {c.note}", style="yellow")

@@ -41,6 +41,21 @@ def gpt_small():
     return model, (idx,)
 
 
+class CheckedGPT(GPT):
+    """nanoGPT's length check: a dynamic sequence needs a maximum (`--max-seq 16`)."""
+
+    def forward(self, idx):
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds the context of {self.config.block_size}")
+        return super().forward(idx)
+
+
+def gpt_checked():
+    """The examples GPT with a length check, on 8 of its 16 positions."""
+    model = _seeded(0, lambda: CheckedGPT(_gpt_config()))
+    return model, (torch.randint(0, vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)),)
+
+
 # A bare instance: the tool needs --input-shape 2,16 --input-dtype long to run it.
 gpt_module = _seeded(0, lambda: GPT(_gpt_config()))
 

@@ -226,18 +226,19 @@ def _embedding_rms(model, batches) -> float:
     return acc.rms()
 
 
-def save_checkpoint(model: torch.nn.Module, cfg: RunConfig, example: torch.Tensor) -> str | None:
+def save_checkpoint(model: torch.nn.Module, cfg: RunConfig, example: torch.Tensor, out_dir: Path = RUNS) -> str | None:
     """The converted program (torch.export.save) + AttnRes safetensors, for `attnres plot-weights`."""
     if cfg.variant == "baseline":
         return None
-    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
-    path = CHECKPOINTS / f"{cfg.name}.pt2"
+    folder = CHECKPOINTS if out_dir == RUNS else out_dir / "checkpoints"  # beside the records written
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{cfg.name}.pt2"
     model.eval()
     program = torch.export.export(model, (example,), strict=False)
     torch.export.save(program, path)
     attnres_compile.save_attnres(model, path.with_suffix(".attnres.safetensors"))
     model.train()
-    return str(path.relative_to(ROOT))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 # -- one run --------------------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def train(cfg: RunConfig, out_dir: Path = RUNS, console: Console | None = None, 
     grad_mean = [statistics.fmean(col) for col in zip(*tail)]
     rms = sublayer_input_rms(model, cfg, val[:8])
     # saved with validation text as its example inputs, so `attnres plot-weights` shows real bytes
-    ckpt = save_checkpoint(model, cfg, val[0][0][:4]) if checkpoint else None
+    ckpt = save_checkpoint(model, cfg, val[0][0][:4], out_dir) if checkpoint else None
     warm = min(10, len(step_times) // 2)
     record = {
         "name": cfg.name,

@@ -22,7 +22,8 @@ from torch import nn
 NORMS = ["layer", "rms", "rms_manual", "none"]
 BRANCHES = ["mlp", "attn", "gate", "nested", "pool"]
 FORMS = ["plain", "swapped", "torch_add", "scaled", "alpha", "inplace", "inplace_branch", "postnorm",
-         "parallel_left", "parallel_sum", "parallel_right", "skip_in_branch"]
+         "parallel_left", "parallel_sum", "parallel_right", "skip_in_branch", "flat", "flat_branch",
+         "unit_scaled", "decayed"]
 BETWEEN = ["none", "none", "none", "bias", "scale", "view", "dropout", "cast", "inplace_scale"]
 OUTSIDE = ["none", "return_all", "return_mid", "skip_to_head"]
 TOPOLOGY = ["single", "single", "single", "two_streams", "shared_start", "enc_dec", "fork"]
@@ -214,6 +215,23 @@ class Step(nn.Module):
             x = f(x, memory) + self.g(x) + x
         elif form == "skip_in_branch":  # the branch also reads the stream's start
             x = x + (f(x, memory) + self.skip(x0))
+        elif form == "flat":  # the residual add on the tokens flattened, then the stream's shape again
+            y = f(x, memory)
+            if y.shape == x.shape:
+                x = (x.reshape(-1, x.shape[-1]) + y.reshape(-1, y.shape[-1])).view(x.shape)
+            else:
+                x = x + y
+        elif form == "flat_branch":  # the whole step on flattened tokens (token-wise branches only)
+            if f.kind in ("mlp", "gate", "nested") and memory is None:
+                shape = x.shape
+                flat = x.reshape(-1, shape[-1])
+                x = (flat + f(flat, None)).view(shape)
+            else:
+                x = x + f(x, memory)
+        elif form == "unit_scaled":  # `1.0 * x + f(x)`: the plain stream
+            x = 1.0 * x + f(x, memory)
+        elif form == "decayed":  # `0.5 * x + f(x)`: a decaying stream, refused
+            x = 0.5 * x + f(x, memory)
         else:
             raise ValueError(form)
         between = self.between

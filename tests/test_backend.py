@@ -192,3 +192,44 @@ def test_dynamo_traces_converted_models_in_one_graph(name):
     assert counter.frame_count >= 1
     sites = sum(1 for c in conv.attnres_report.chains for s in c.sites if s.parameters)
     assert counter.op_count >= sites
+
+
+def test_unconverted_path_across_shapes_and_later_compiles():
+    """A second input shape recompiles with dynamic sizes: converted per concrete shape at call
+    time; a later compile of another model in the same process is unaffected."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyPreNormLM(layers=2).eval()
+    compiled = torch.compile(model, backend="attnres")
+    with torch.no_grad():
+        for shape in [(2, 9), (3, 5), (1, 12)]:
+            idx = torch.randint(0, 37, shape)
+            assert rel_err(compiled(idx), model(idx)) <= 1e-5
+        other = TinyPreNormLM(layers=3).eval()
+        idx = torch.randint(0, 37, (2, 7))
+        assert rel_err(torch.compile(other, backend="attnres")(idx), other(idx)) <= 1e-5
+
+
+class _BreakInLoop(TinyPreNormLM):
+    def forward(self, idx):
+        x = self.embed(idx)
+        for b in self.blocks:
+            torch._dynamo.graph_break()
+            x = b(x)
+        return self.readout(x)
+
+
+def test_unconverted_model_split_by_a_graph_break_is_refused_with_the_fix():
+    torch._dynamo.reset()
+    model = _BreakInLoop(layers=2).eval()
+    with pytest.raises(Exception, match=r"split the unconverted model into frames: it compiles _BreakInLoop.embed "
+                                        r"on its own, called from _BreakInLoop.forward at .*test_backend.py:\d+.*"
+                                        r"fullgraph=True.*attnres_compile.convert\(\) first"):
+        with torch.no_grad():
+            torch.compile(model, backend="attnres")(torch.randint(0, 37, (2, 9)))
+    torch._dynamo.reset()
+    # the fix: convert first; the converted model compiles frame by frame and keeps one stream
+    conv = _perturbed(ac.convert(model, (torch.randint(0, 37, (2, 9)),), preserve="exact", block_size=2))
+    idx = torch.randint(0, 37, (2, 9))
+    with torch.no_grad():
+        assert rel_err(torch.compile(conv, backend="attnres")(idx), conv(idx)) <= 1e-5

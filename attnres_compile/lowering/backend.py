@@ -60,9 +60,6 @@ def _layout_from_weights(weights) -> dict | None:
 def _convert_unconverted(gm, example_inputs, options: dict):
     from ..api import convert, load_attnres_state_dict
 
-    unknown = set(options) - _OPTION_KEYS
-    if unknown:
-        raise ValueError(f"unknown option(s) for the attnres backend: {sorted(unknown)}; known: {sorted(_OPTION_KEYS)}")
     weights = options.get("weights")
     layout = _layout_from_weights(weights)
     preserve = options.get("preserve", layout["preserve"] if layout else "exact")
@@ -85,6 +82,76 @@ def _convert_unconverted(gm, example_inputs, options: dict):
     return converted
 
 
+_FIX = ("the attnres backend converts one whole graph, and frame by frame each frame would become a stream of "
+        "its own. Compile with fullgraph=True (and remove the break), or call attnres_compile.convert() first "
+        "and compile the converted model")
+
+
+def _compiled_frame():
+    """(module, code name) of the frame Dynamo is compiling; (None, "") when unknown."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return (tx.f_locals.get("self"), tx.f_code.co_name) if tx is not None else (None, "")
+    except Exception:  # noqa: BLE001 - Dynamo internals of another torch
+        return None, ""
+
+
+def _in_converted_model() -> bool:
+    """Whether the frame being compiled belongs to a model converted by attnres_compile."""
+    import sys
+
+    from ..api import is_converted
+    from ..passes.rewrite import _ForwardInMode
+
+    child, _ = _compiled_frame()
+    if isinstance(child, torch.nn.Module) and (isinstance(child.__dict__.get("forward"), _ForwardInMode)
+                                                or is_converted(child)):
+        return True
+    f = sys._getframe(1)
+    while f is not None:
+        owner = f.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module) and isinstance(owner.__dict__.get("forward"), _ForwardInMode):
+            return True
+        f = f.f_back
+    return False
+
+
+def _refuse_split_model(gm) -> None:
+    """An unconverted model that Dynamo split into frames would be converted frame by frame (a
+    layer's frame compiled once and reused for every layer): refuse, naming the split."""
+    import sys
+
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is not None and getattr(reason, "graph_break", False):
+        where = ""
+        stack = getattr(reason, "user_stack", None) or []
+        if stack:
+            f = stack[-1]
+            where = f" at {'/'.join(f.filename.split('/')[-2:])}:{f.lineno}"
+        text = " ".join(str(reason.reason).split())[:200]
+        raise ValueError(f"torch.compile split the unconverted model at a graph break{where} ({text}); {_FIX}")
+    # A frame Dynamo could not trace runs eagerly and each module it calls is compiled on its own:
+    # the compiled frame's module then sits inside a module whose forward is running right now.
+    child, code = _compiled_frame()
+    if not isinstance(child, torch.nn.Module):
+        return
+    f = sys._getframe(1)
+    while f is not None:
+        file = f.f_code.co_filename
+        parent = f.f_locals.get("self") if f.f_code.co_name == "forward" else None
+        if isinstance(parent, torch.nn.Module) and "/torch/" not in file and "attnres_compile" not in file:
+            path = "" if parent is child else next((n for n, m in parent.named_modules() if m is child), None)
+            if path is not None and (parent is not child or code != "forward"):
+                what = f"{type(child).__name__}.{code}" + (f" ({path})" if path else "")
+                raise ValueError(
+                    f"torch.compile split the unconverted model into frames: it compiles {what} on its own, "
+                    f"called from {type(parent).__name__}.forward at {'/'.join(file.split('/')[-2:])}:{f.f_lineno}, "
+                    f"which runs eagerly (a graph break Dynamo could not handle in place); {_FIX}")
+        f = f.f_back
+
+
 def attnres_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode=None, **_):
     """Dynamo backend: lower depth attention and compile the rest with Inductor."""
     options = dict(options or {})
@@ -101,7 +168,14 @@ def attnres_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
             to_two_phase(gm)
         return _inductor(gm, example_inputs)
 
-    converted = _convert_unconverted(gm, example_inputs, options)
+    if _in_converted_model():
+        # A frame of a converted model without sites (its embedding, its head, or a piece Dynamo
+        # split off): its streams are converted already, it compiles as it is.
+        return _inductor(gm, example_inputs)
+    _refuse_split_model(gm)
+    unknown = set(options) - _OPTION_KEYS
+    if unknown:
+        raise ValueError(f"unknown option(s) for the attnres backend: {sorted(unknown)}; known: {sorted(_OPTION_KEYS)}")
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         warnings.warn(
             "torch.compile(backend='attnres') on an unconverted model holds the AttnRes parameters as "
@@ -109,30 +183,46 @@ def attnres_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
             "and compile the converted module.",
             stacklevel=2,
         )
-    return _ShapeSpecialised(converted)
+    if not any(isinstance(x, torch.SymInt) for x in example_inputs):
+        _ShapeSpecialised(gm, options).converted_for(list(example_inputs))  # refuse now, not at the first call
+    return _ShapeSpecialised(gm, options)
 
 
 class _ShapeSpecialised:
-    """Compiled artefacts of a converted graph, one per input signature.
+    """Compiled artefacts of an unconverted Dynamo graph, one per concrete input signature.
 
-    The converted module is traced to a flat ATen graph (its AttnRes parameters become
-    constants of that graph) and compiled by this backend's converted-graph branch. Dynamo
-    may call us with inputs of other sizes than the first (dynamic shapes); each new
-    (shape, dtype, grad mode) signature is traced and compiled once.
+    Dynamo may hand us a graph with dynamic sizes (SymInt inputs, after a recompile for a new
+    shape); a capture needs concrete inputs, so the graph is converted at call time for each new
+    (shapes, sizes, dtypes, grad mode) signature: converted with the real inputs (static capture),
+    traced to one ATen graph in which the AttnRes weights are constants, and compiled by this
+    backend's converted-graph branch. Nothing is captured inside Dynamo's own trace, so no guard
+    of the caller's frame (or of a later compile) depends on it.
     """
 
-    def __init__(self, converted):
-        self.converted = converted
+    def __init__(self, gm, options: dict):
+        self.gm, self.options = gm, options
+        self.converted = {}
         self.cache = {}
 
+    @staticmethod
+    def _key(args):
+        return (torch.is_grad_enabled(),) + tuple(
+            (tuple(a.shape), a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+
+    def converted_for(self, args):
+        key = self._key(args)
+        conv = self.converted.get(key)
+        if conv is None:
+            conv = self.converted[key] = _convert_unconverted(self.gm, args, self.options)
+        return conv
+
     def __call__(self, *args):
-        key = (torch.is_grad_enabled(),) + tuple(
-            (tuple(a.shape), a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
-        )
+        key = self._key(args)
         fn = self.cache.get(key)
         if fn is None:
             from torch.fx.experimental.proxy_tensor import make_fx
 
-            flat = make_fx(self.converted, tracing_mode="real", pre_dispatch=True)(*args)
+            converted = self.converted_for(list(args))
+            flat = make_fx(converted, tracing_mode="real", pre_dispatch=True)(*args)
             fn = self.cache[key] = attnres_backend(flat, list(args))
         return fn(*args)

@@ -18,7 +18,6 @@ from .graph_utils import (
     CONV_OPS,
     COPY_OPS,
     INPLACE_ADD_OPS,
-    METADATA_ONLY,
     WEIGHT_OPS,
     alias_closure,
     alias_root,
@@ -26,10 +25,13 @@ from .graph_utils import (
     common_module_path,
     descendants_within,
     forward_closure,
+    is_layout_alias,
     module_path,
     mutation_of,
     node_index,
+    reads_values,
     same_meta,
+    scale_of,
     same_shape,
     source_line,
     static_int,
@@ -77,6 +79,11 @@ class Chain:
     @property
     def is_prenorm(self) -> bool:
         return self.prenorm_reason is None
+
+    @property
+    def reshaped(self) -> bool:
+        """Whether the stream changes its token layout between links (`is_layout_alias`)."""
+        return any(is_layout_alias(a) for v in self.stream_values() for a in alias_closure(v))
 
     def stream_values(self) -> list[Node]:
         """a_0 .. a_L: the stream before each link and after the last."""
@@ -175,6 +182,13 @@ def _classify_add(node: Node, index: dict[Node, int]):
     root = alias_root(x)
     anc = ancestors_after(y, index[root], index)
     if root not in anc:
+        # The stream operand usually comes first; `1.0 * x + b` with b computed earlier does not.
+        swapped = alias_root(y)
+        if swapped is not y and index[swapped] < index[x]:
+            anc_x = ancestors_after(x, index[swapped], index)
+            if swapped in anc_x:
+                x, y, root, anc = y, x, swapped, anc_x
+    if root not in anc:
         return ("independent", x, y)
     aliases = alias_closure(root)
     region = set(descendants_within(aliases, anc, index))
@@ -184,11 +198,46 @@ def _classify_add(node: Node, index: dict[Node, int]):
     return Link(add=node, stream=x, root=root, branches=[y], region=region)
 
 
+_TRIG = frozenset({torch.ops.aten.cos.default, torch.ops.aten.sin.default})
+
+
+def _from_trig_table(node: Node, depth: int = 24) -> bool:
+    """Whether `node` derives (within a few steps) from a cos or sin: a rotary table."""
+    seen, stack = set(), [(node, 0)]
+    while stack:
+        cur, d = stack.pop()
+        if cur in seen or d > depth:
+            continue
+        seen.add(cur)
+        if cur.op == "call_function" and cur.target in _TRIG:
+            return True
+        stack.extend((i, d + 1) for i in cur.all_input_nodes)
+    return False
+
+
+def _scaled_residual(x: Node, y: Node, index) -> str | None:
+    """`c * s + f(s)` with c != 1: the stream is scaled before it is added to (a decaying stream)."""
+    for scaled, other in ((x, y), (y, x)):
+        sc = scale_of(scaled)
+        if sc is None:
+            continue
+        s, c = sc
+        root = alias_root(s)
+        if root in ancestors_after(other, index[root], index):
+            return (f"scaled residual: the stream ({s.name}) is multiplied by {c:g} before the add ({_describe(scaled)}), "
+                    "so each link decays the stream; block sums would not be its value, so it is not converted")
+    return None
+
+
 def _independent_reason(x: Node, y: Node, index) -> str:
     """Why an add of two values that do not depend on each other is not residual."""
+    scaled = _scaled_residual(x, y, index)
+    if scaled is not None:
+        return scaled
+
     def mul(n):
         return n.op == "call_function" and n.target in (torch.ops.aten.mul.Tensor,)
-    if mul(x) and mul(y):
+    if mul(x) and mul(y) and any(_from_trig_table(o) for n in (x, y) for o in n.all_input_nodes):
         for p in x.all_input_nodes:
             for r in y.all_input_nodes:
                 if p is not r and p in ancestors_after(r, index[p], index):
@@ -253,7 +302,7 @@ def _stream_users(value: Node, exclude: set[Node]) -> list[Node]:
         for u in a.users:
             if u in members or u in exclude or u in out:
                 continue
-            if u.op == "call_function" and u.target in METADATA_ONLY:
+            if not reads_values(u, a):  # asserts, guards, `y.type_as(x)`: x's metadata only
                 continue
             out.append(u)
     return out

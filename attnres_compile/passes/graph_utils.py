@@ -54,6 +54,32 @@ METADATA_ONLY = _overloads(
     aten.sym_storage_offset,
 )
 
+# Ops that read some tensor arguments for their metadata only (dtype, shape, device): the
+# position of those arguments. `y.type_as(x)` does not read x's values, nor `zeros_like(x)`.
+METADATA_ARGS = {
+    **{op: frozenset({1}) for op in _overloads(aten.type_as)},
+    **{op: frozenset({0}) for op in _overloads(
+        aten.empty_like, aten.zeros_like, aten.ones_like, aten.full_like, aten.rand_like, aten.randn_like,
+        aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty_strided)},
+}
+
+
+def is_guard(node: Node) -> bool:
+    """torch.export's `_guards_fn` call: checks input shapes, reads no values."""
+    return node.op == "call_module" and str(node.target) == "_guards_fn"
+
+
+def reads_values(user: Node, node: Node) -> bool:
+    """Whether `user` reads the values of `node` (not only its dtype, shape or device)."""
+    if is_guard(user) or (user.op == "call_function" and user.target in METADATA_ONLY):
+        return False
+    positions = METADATA_ARGS.get(user.target) if user.op == "call_function" else None
+    if positions is None:
+        return True
+    return (any(a is node for i, a in enumerate(user.args) if i not in positions)
+            or any(v is node for v in user.kwargs.values()))
+
+
 ADD_OPS = _overloads(aten.add)
 INPLACE_ADD_OPS = frozenset({aten.add_.Tensor, aten.add_.Scalar})
 
@@ -161,7 +187,12 @@ def is_identity_alias(node: Node) -> bool:
     A copy (clone, _to_copy) that is later modified in place is not: its readers must keep a
     private tensor, so the rewrite may not hand them the stream (or a site output) instead.
     """
-    if node.op != "call_function" or node.target not in IDENTITY_WHEN_SAME_META:
+    if node.op != "call_function":
+        return False
+    if unit_scale_operand(node) is not None:  # `1.0 * x`, `x / 1`: the plain stream
+        src = unit_scale_operand(node)
+        return same_meta(node, src) and mutation_of(node) is None
+    if node.target not in IDENTITY_WHEN_SAME_META:
         return False
     if not node.args or not isinstance(node.args[0], Node):
         return False
@@ -170,22 +201,93 @@ def is_identity_alias(node: Node) -> bool:
     return not (node.target in COPY_OPS and mutation_of(node) is not None)
 
 
+_MUL_OPS = frozenset({aten.mul.Tensor, aten.mul.Scalar})
+_DIV_OPS = frozenset({aten.div.Tensor, aten.div.Scalar})
+
+
+def scale_of(node: Node) -> tuple[Node, float] | None:
+    """(x, c) when `node` is `c * x`, `x * c` or `x / (1/c)` with c a Python number, else None."""
+    if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if node.target in _MUL_OPS:
+        if isinstance(a, Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
+            return a, float(b)
+        if isinstance(b, Node) and isinstance(a, (int, float)) and not isinstance(a, bool):
+            return b, float(a)
+    if node.target in _DIV_OPS and isinstance(a, Node) and isinstance(b, (int, float)) and b not in (0, False):
+        return a, 1.0 / float(b)
+    return None
+
+
+def unit_scale_operand(node: Node) -> Node | None:
+    """x when `node` is `1.0 * x` (or `x * 1`, `x / 1`)."""
+    sc = scale_of(node)
+    return sc[0] if sc is not None and sc[1] == 1.0 else None
+
+
+LAYOUT_VIEWS = _overloads(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten)
+
+
+def _statically_equal(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 - an expression the shape env cannot decide
+        return False
+
+
+def is_layout_alias(node: Node) -> bool:
+    """True if `node` reshapes a stream's tokens without touching any token's features: a view,
+    reshape, flatten or unflatten that keeps the last (feature) dim and merges or splits the
+    leading (token) dims, so each token's features stay together and in order (`h.reshape(-1, D)`
+    around an MLP, and `.view(B, T, D)` back). A view that mixes tokens into features changes
+    the last dim and is not one."""
+    if node.op != "call_function" or node.target not in LAYOUT_VIEWS:
+        return False
+    if not node.args or not isinstance(node.args[0], Node):
+        return False
+    out, src = tensor_meta(node), tensor_meta(node.args[0])
+    if out is None or src is None or out.dim() < 1 or src.dim() < 1 or out.dtype != src.dtype:
+        return False
+    if same_shape(out, src):
+        return False  # an identity alias, handled by is_identity_alias
+    last_out, last_src = static_int(out.shape[-1]), static_int(src.shape[-1])
+    if last_out is None or last_out != last_src:
+        return False
+    return _statically_equal(out.numel(), src.numel()) and mutation_of(node) is None
+
+
+def is_stream_alias(node: Node) -> bool:
+    """An identity cast/view, or a layout view of the tokens (`is_layout_alias`)."""
+    return is_identity_alias(node) or is_layout_alias(node)
+
+
 def alias_root(node: Node) -> Node:
-    """Walk back through identity casts/views to the node that really produced the value."""
-    while is_identity_alias(node):
-        node = node.args[0]
+    """Walk back through identity casts/views and token reshapes to the node that really
+    produced the value."""
+    while is_stream_alias(node):
+        node = alias_source(node)
     return node
 
 
+def alias_source(node: Node) -> Node:
+    """The input an identity alias (`is_identity_alias`) passes on."""
+    return unit_scale_operand(node) or node.args[0]
+
+
 def alias_closure(node: Node) -> list[Node]:
-    """`node` and every identity cast/view of it (transitively), in graph order."""
+    """`node` and every identity cast/view or token reshape of it (transitively), in graph order."""
     seen = [node]
     queue = deque([node])
     members = {node}
     while queue:
         cur = queue.popleft()
         for user in cur.users:
-            if user not in members and is_identity_alias(user) and user.args[0] is cur:
+            if user not in members and is_stream_alias(user) and alias_source(user) is cur:
                 members.add(user)
                 seen.append(user)
                 queue.append(user)

@@ -24,7 +24,7 @@ import torch
 from torch.fx import Node
 
 from .find_chains import Chain
-from .graph_utils import call_site, module_path, static_int, tensor_meta
+from .graph_utils import COPY_OPS, call_site, module_path, static_int, tensor_meta
 from .schedule import SiteSchedule, block_schedule
 
 PLAN_VERSION = 1
@@ -204,8 +204,11 @@ def add_site(add: Node, branch: Node, calls: dict | None = None) -> AddSite:
         container, lasti, cols = call.container, call.lasti, call.cols
     else:
         cols = None
+    first = add.args[0]
+    branch_first = first is branch or (isinstance(first, Node) and first.target in COPY_OPS and first.args
+                                       and first.args[0] is branch)  # `y = f(x).clone(); y += x`
     return AddSite(container=container, file=path, module_name=_module_of_file(path), line=line,
-                   func=func, code=code, stream_arg=1 if add.args[0] is branch else 0,
+                   func=func, code=code, stream_arg=1 if branch_first else 0,
                    inplace="add_" in str(add.target), lasti=lasti, cols=cols)
 
 

@@ -22,7 +22,7 @@ from fractions import Fraction
 import torch
 from torch.fx import Node
 
-from .graph_utils import METADATA_ONLY, _overloads, aten
+from .graph_utils import METADATA_ARGS, METADATA_ONLY, _overloads, aten, is_guard
 
 NORM_OPS = {
     # op overload -> (index of the eps argument, default eps)
@@ -114,9 +114,21 @@ class DegreeAnalysis:
             self.deg[node] = Fraction(0)
             return
         t = node.target
-        if t in METADATA_ONLY:
+        if t in METADATA_ONLY or is_guard(node):
             return  # shapes and dtype asserts do not see the stream's scale
         args = node.args
+        meta = METADATA_ARGS.get(t) if node.op == "call_function" else None
+        if meta is not None:  # `y.type_as(x)`, `zeros_like(x)`: x's dtype/shape only
+            values = [a for i, a in enumerate(args) if i not in meta and isinstance(a, Node)]
+            values += [v for v in node.kwargs.values() if isinstance(v, Node)]
+            dep = [v for v in values if v in self.deg]
+            if not dep:
+                return  # independent of the stream's values
+            if len(dep) == 1 and dep[0] is args[0] and self.degree(args[0]) is not None:
+                self.deg[node] = self.degree(args[0])  # a cast of the value argument
+                self._inherit_reduced(node, args[0])
+                return
+            raise _Break(node)
         d0 = self.degree(args[0]) if args else None
 
         if node.op == "call_function" and t is operator.getitem:
