@@ -116,10 +116,27 @@ def write_doc(rows: list[dict], env: dict) -> None:
 
 
 def main() -> None:
+    import argparse
+
     import transformers
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", action="store_true", help="every family of transformers' auto mappings")
+    ap.add_argument("--limit", type=int, default=None, help="with --families: at most N of each kind")
+    opts = ap.parse_args()
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version(), "machine": platform.machine()}
+    if opts.families:
+        import logging
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
+        transformers.logging.set_verbosity_error()
+        rows = families(opts.limit)
+        write_families(rows, env)
+        print(f"wrote {FAMILIES.relative_to(ROOT)} and {DOC.relative_to(ROOT)}")
+        return
     rows = []
     for name, spec in architectures().items():
         row = measure(name, spec)
@@ -130,6 +147,165 @@ def main() -> None:
     RESULTS.write_text(json.dumps({"env": env, "architectures": rows}, indent=2) + "\n")
     write_doc(rows, env)
     print(f"wrote {RESULTS.relative_to(ROOT)} and {DOC.relative_to(ROOT)}")
+
+
+
+# -- every family transformers can build from a config --------------------------------------------
+
+FAMILY_BEGIN, FAMILY_END = "<!-- families:begin -->", "<!-- families:end -->"
+FAMILIES = ROOT / "benchmarks" / "results" / "coverage_families.json"
+_SMALL = {  # config fields shrunk where a config has them
+    "hidden_size": 32, "d_model": 32, "n_embd": 32, "dim": 32, "embed_dim": 32, "hidden_dim": 64,
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "encoder_layers": 2, "decoder_layers": 2,
+    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64, "ffn_dim": 64, "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64, "n_inner": 64, "d_ff": 64, "d_kv": 8, "vocab_size": 128, "max_position_embeddings": 64,
+    "n_positions": 64, "image_size": 32, "patch_size": 8, "num_experts": 4, "num_local_experts": 4,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts_per_tok": 2,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "decoder_start_token_id": 0,
+}
+KINDS = [("decoder LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"), ("encoder-decoder", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+         ("encoder (masked LM)", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"), ("vision", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES")]
+
+
+def _small_config(model_type: str):
+    from transformers import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING[model_type]()
+    for key, value in _SMALL.items():
+        if key in config.__dict__ or hasattr(type(config), key):
+            try:
+                setattr(config, key, value)
+            except Exception:  # noqa: BLE001 - read-only or derived fields
+                pass
+    for sub in ("text_config", "vision_config", "encoder", "decoder"):
+        child = getattr(config, sub, None)
+        if child is not None and hasattr(child, "to_dict"):
+            for key, value in _SMALL.items():
+                if key in child.__dict__:
+                    try:
+                        setattr(child, key, value)
+                    except Exception:  # noqa: BLE001
+                        pass
+    return config
+
+
+def _inputs(kind: str, config) -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(0)
+    if kind == "vision":
+        size = getattr(config, "image_size", 32)
+        size = size if isinstance(size, int) else 32
+        return (torch.randn(1, getattr(config, "num_channels", 3), size, size, generator=g),), {}
+    ids = torch.randint(3, 100, (1, 8), generator=g)
+    if kind == "encoder-decoder":
+        return (ids,), {"decoder_input_ids": torch.randint(3, 100, (1, 5), generator=g)}
+    return (ids,), {}
+
+
+def family_row(kind: str, model_type: str, class_name: str) -> dict:
+    import signal
+
+    import transformers
+
+    row = {"kind": kind, "model_type": model_type, "class": class_name}
+
+    def timeout(*_):
+        raise TimeoutError("over 120 s")
+
+    signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(120)
+    try:
+        try:
+            torch.manual_seed(0)
+            model = getattr(transformers, class_name)(_small_config(model_type)).eval()
+            args, kwargs = _inputs(kind, model.config)
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a family this generic recipe cannot build
+            row["status"] = "not built"
+            row["reason"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+            return row
+        t0 = time.perf_counter()
+        try:
+            conv = ac.convert(model, args, kwargs=kwargs, preserve="exact")
+        except ac.NoEligibleChainError as exc:
+            row["status"] = "refused"
+            row["reason"] = str(exc).split(": ", 1)[-1][:220]
+            return row
+        except ac.AttnResError as exc:
+            row["status"] = "refused"
+            row["reason"] = " ".join(str(exc).split())[:220]
+            return row
+        except Exception as exc:  # noqa: BLE001 - a failure of ours: recorded, not hidden
+            row["status"] = "error"
+            row["reason"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            return row
+        rep = conv.attnres_report
+        with torch.no_grad():
+            err = rel_err(main_output(conv(*args, **kwargs)), main_output(model(*args, **kwargs)))
+        row.update(status="converted", chains=[c.num_sublayers for c in rep.chains],
+                   prenorm=all(c.prenorm for c in rep.chains), exact_err=err,
+                   seconds=round(time.perf_counter() - t0, 1),
+                   refused_chains=[r["reason"][:120] for r in rep.refused_chains])
+        return row
+    finally:
+        signal.alarm(0)
+
+
+def families(limit: int | None = None) -> list[dict]:
+    from transformers.models.auto import modeling_auto
+
+    rows = []
+    for kind, mapping in KINDS:
+        names = getattr(modeling_auto, mapping)
+        for i, (model_type, class_name) in enumerate(sorted(names.items())):
+            if limit is not None and i >= limit:
+                break
+            if isinstance(class_name, (tuple, list)):
+                class_name = class_name[0]
+            row = family_row(kind, model_type, class_name)
+            rows.append(row)
+            print(f"{kind:20s} {model_type:28s} {row['status']:10s} {row.get('chains', '')!s:10s} "
+                  f"{(row.get('reason') or '')[:90]}", flush=True)
+    return rows
+
+
+def family_table(rows: list[dict]) -> str:
+    counts = Counter((r["kind"], r["status"]) for r in rows)
+    kinds = [k for k, _ in KINDS]
+    out = ["| kind | families | converted (of them PreNorm) | refused | error | not built by the generic config |",
+           "|---|---|---|---|---|---|"]
+    for k in kinds:
+        total = sum(n for (kk, _), n in counts.items() if kk == k)
+        pre = sum(1 for r in rows if r["kind"] == k and r["status"] == "converted" and r.get("prenorm"))
+        out.append(f"| {k} | {total} | {counts[(k, 'converted')]} ({pre}) | {counts[(k, 'refused')]} | "
+                   f"{counts[(k, 'error')]} | {counts[(k, 'not built')]} |")
+    out += ["", "| kind | model_type | status | chains (sublayers) | step-0 err (exact) | reason |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] == "not built":
+            continue
+        chains = ", ".join(str(n) for n in r.get("chains", [])) or "-"
+        err = f"{r['exact_err']:.1e}" if "exact_err" in r else "-"
+        why = r.get("reason") or ("; ".join(r.get("refused_chains") or []) or
+                                  ("PreNorm" if r.get("prenorm") else "converted in exact mode only (not PreNorm)"))
+        out.append(f"| {r['kind']} | {r['model_type']} | {r['status']} | {chains} | {err} | {_short(why, 160)} |")
+    return "\n".join(out)
+
+
+def write_families(rows: list[dict], env: dict) -> None:
+    FAMILIES.write_text(json.dumps({"env": env, "families": rows}, indent=1) + "\n")
+    generated = (f"{FAMILY_BEGIN}\nGenerated by `python benchmarks/coverage.py --families` (transformers "
+                 f"{env['transformers']}): every model type of transformers' causal-LM, seq2seq, masked-LM and "
+                 "image-classification auto mappings, built from its default config shrunk to 2 layers of width "
+                 "32 (fields it has), converted in exact mode from one example input; a family this generic "
+                 "recipe cannot build is counted, not listed.\n\n" + family_table(rows) + f"\n{FAMILY_END}")
+    text = DOC.read_text()
+    if FAMILY_BEGIN in text:
+        head, rest = text.split(FAMILY_BEGIN, 1)
+        text = head + generated + rest.split(FAMILY_END, 1)[1]
+    else:
+        text += "\n## Every family transformers builds from a config\n\n" + generated + "\n"
+    DOC.write_text(text)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ def _runs(tmp: Path) -> dict[str, list[str]]:
         "check_llama": ["check", f"{M}:hf_llama", "--expect-sites", "5", "--generate", "6"],
         "export_cache": ["export", f"{M}:hf_llama", "-o", str(tmp / "dec" / "model.onnx"), "--with-cache", "--fused"],
         "export_cache_no_cache": ["export", f"{M}:gpt_small", "-o", str(tmp / "x2.onnx"), "--with-cache"],
+        # a dynamic sequence needs a maximum: torch's suggestion is shown, --max-seq gives it
+        "convert_unbounded": ["convert", f"{M}:gpt_checked", "-o", str(tmp / "u.pt2"), "--dynamic"],
+        "convert_bounded": ["convert", f"{M}:gpt_checked", "-o", str(tmp / "b.pt2"), "--max-seq", "16"],
+        "bad_dim": ["convert", f"{M}:gpt_checked", "-o", str(tmp / "b2.pt2"), "--dim", "seq=9:3"],
         "check_wrong_sites": ["check", f"{M}:gpt_small", "--expect-sites", "8"],
         # inspect a bare module instance with --input-shape; JSON report
         "inspect": ["inspect", f"{M}:gpt_module", "--input-shape", "2,16", "--input-dtype", "long",
@@ -266,3 +270,15 @@ def test_dynamic_shapes_share_dims_by_size():
     assert spec["input_ids"][1] is spec["attention_mask"][1]
     assert list(spec["pixel_values"]) == [0] and spec["pixel_values"][0] is not spec["input_ids"][0]
     assert spec["use_cache"] is None
+
+
+def test_dynamic_export_shows_torchs_suggested_bounds_and_takes_them(cli):
+    r = cli("convert_unbounded")
+    _ok(r, 1)
+    assert "torch suggests seq = Dim('seq', max=16) (set bounds with --dim NAME=MIN:MAX)" in r.stderr
+    r = cli("convert_bounded")
+    _ok(r)
+    assert "dynamic" in r.stdout and r.stdout.count("PASS") == 2
+    r = cli("bad_dim")
+    _ok(r, 2)
+    assert "seq: MIN 9 is larger than MAX 3" in r.stderr

@@ -142,6 +142,16 @@ def _cli(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=600)
 
 
+def test_cli_plot_weights_on_a_hugging_face_program(tmp_path):
+    """A program whose outputs are Hugging Face ModelOutputs loads: their module is imported."""
+    ck = tmp_path / "llama.pt2"
+    r = _cli("convert", "examples.cli_models:hf_llama", "-o", str(ck))
+    assert r.returncode == 0, r.stderr
+    r = _cli("plot-weights", str(ck), "-o", str(tmp_path / "w.png"))
+    assert r.returncode == 0, r.stderr
+    assert "4 sites" in r.stdout and (tmp_path / "w.png").is_file()
+
+
 def test_cli_plot_weights_on_a_converted_checkpoint(tmp_path):
     ck = tmp_path / "gpt.pt2"
     r = _cli("convert", "examples.gpt:default_model", "-o", str(ck), "--num-blocks", "2")
@@ -173,3 +183,11 @@ def test_cli_train_tiny(tmp_path):
     assert math.isfinite(rec["final_val_loss"])
     r = _cli("train", "run", "--variant", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = _cli("train", "--help")
+    assert r.returncode == 0 and "usage: python -m examples.train_lm" in r.stdout
+
+
+def test_cli_train_writes_under_the_working_directory(tmp_path):
+    r = _cli("train", "run", "--tiny", "--variant", "block4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "attnres_runs" / "L2d32_block4_s0.json").is_file()
