@@ -260,3 +260,26 @@ def test_a_view_that_mixes_tokens_into_features_is_not_a_stream():
     assert conv.attnres_report.chains[0].start != "x"  # the chain starts at the reshape, not the input
     start = conv.attnres_report.chains[0].start
     assert "view" in start or "reshape" in start
+
+
+def test_a_transposed_stream_names_the_transpose():
+    class Transposing(nn.Module):  # [T, B, D] <-> [B, T, D] between the two sublayers of each layer
+        def __init__(self, d=8, n=3):
+            super().__init__()
+            self.n1 = nn.ModuleList(nn.LayerNorm(d) for _ in range(n))
+            self.f1 = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+            self.n2 = nn.ModuleList(nn.LayerNorm(d) for _ in range(n))
+            self.f2 = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+
+        def forward(self, x):
+            for a, f, b, g in zip(self.n1, self.f1, self.n2, self.f2):
+                x = x + f(a(x))
+                x = x.transpose(0, 1)
+                x = x + g(b(x))
+                x = x.transpose(0, 1)
+            return x
+
+    with pytest.raises(ac.NoEligibleChainError) as info:
+        ac.convert(Transposing().eval(), (torch.randn(2, 5, 8),), preserve="exact", dynamic=False)
+    reasons = [r["reason"] for r in info.value.report.refused_chains]
+    assert any("the stream is transposed between sublayers (transpose" in r for r in reasons), reasons

@@ -505,4 +505,12 @@ def _single_link_reason(chain: Chain, links: dict[Node, Link], index) -> str:
             there = module_path(u)
             if there == here or there.startswith(here + "."):
                 return f"PostNorm block: the residual output is normalized by {_describe(u)}"
+    # A transpose of the tokens between two links: the next link reads the stream in another order.
+    for u in _stream_users(link.add, set()):
+        if u.op == "call_function" and u.target in _PERMUTES:
+            moved = alias_closure(u)
+            for other in links.values():
+                if other.root in moved or alias_root(other.stream) in moved:
+                    return (f"the stream is transposed between sublayers ({_describe(u)}): the next residual add "
+                            "reads its tokens in another order, which the rewrite does not follow")
     return f"a single residual add, not a stream (a chain needs at least {MIN_LINKS} links)"
