@@ -37,7 +37,7 @@ class AddCall:
     file: str
     line: int
     lasti: int         # bytecode offset: a line can hold several adds
-    container: str     # path of the module whose forward frame (or a caller's) ran it
+    container: str | None  # path of the module whose forward frame (or a caller's) ran it
     checkpointed: str | None = None  # the plain function an activation checkpoint runs it in, if any
     cols: tuple[int, int] | None = None  # the add's column span: Dynamo's frames name it this way
 
@@ -64,6 +64,9 @@ class _AddRecorder(TorchFunctionMode):
     def __init__(self, root: torch.nn.Module):
         super().__init__()
         self.paths = {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
+        # torch.export may hand forwards a proxy of a submodule (`_AttrProxy`) that shares the
+        # module's __dict__: found by that dict.
+        self.dicts = {id(m.__dict__): name for name, m in root.named_modules(remove_duplicate=False)}
         self.adds: list[AddCall] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -76,11 +79,14 @@ class _AddRecorder(TorchFunctionMode):
                 for _ in range(8):
                     if g is None:
                         break
-                    container = self.paths.get(id(g.f_locals.get("self")))
+                    owner = g.f_locals.get("self")
+                    container = self.paths.get(id(owner))
+                    if container is None and isinstance(owner, torch.nn.Module):
+                        container = self.dicts.get(id(owner.__dict__))
                     if container is not None:
                         break
                     g = g.f_back
-                self.adds.append(AddCall(f.f_code.co_filename, f.f_lineno, f.f_lasti, container or "",
+                self.adds.append(AddCall(f.f_code.co_filename, f.f_lineno, f.f_lasti, container,
                                          _checkpointed_function(f), instruction_columns(f.f_code, f.f_lasti)))
         return func(*args, **(kwargs or {}))
 

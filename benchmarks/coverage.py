@@ -123,6 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", action="store_true", help="every family of transformers' auto mappings")
     ap.add_argument("--limit", type=int, default=None, help="with --families: at most N of each kind")
+    ap.add_argument("--resume", action="store_true", help="with --families: keep the rows already written")
     opts = ap.parse_args()
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version(), "machine": platform.machine()}
@@ -133,7 +134,7 @@ def main() -> None:
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
         transformers.logging.set_verbosity_error()
-        rows = families(opts.limit)
+        rows = families(opts.limit, opts.resume)
         write_families(rows, env)
         print(f"wrote {FAMILIES.relative_to(ROOT)} and {DOC.relative_to(ROOT)}")
         return
@@ -241,8 +242,13 @@ def family_row(kind: str, model_type: str, class_name: str) -> dict:
             row["reason"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             return row
         rep = conv.attnres_report
-        with torch.no_grad():
-            err = rel_err(main_output(conv(*args, **kwargs)), main_output(model(*args, **kwargs)))
+        try:
+            with torch.no_grad():
+                err = rel_err(main_output(conv(*args, **kwargs)), main_output(model(*args, **kwargs)))
+        except Exception as exc:  # noqa: BLE001 - the converted model fails to run: ours, recorded
+            row["status"] = "error"
+            row["reason"] = f"converted, then the call raised {type(exc).__name__}: {' '.join(str(exc).split())[:180]}"
+            return row
         row.update(status="converted", chains=[c.num_sublayers for c in rep.chains],
                    prenorm=all(c.prenorm for c in rep.chains), exact_err=err,
                    seconds=round(time.perf_counter() - t0, 1),
@@ -252,9 +258,12 @@ def family_row(kind: str, model_type: str, class_name: str) -> dict:
         signal.alarm(0)
 
 
-def families(limit: int | None = None) -> list[dict]:
+def families(limit: int | None = None, resume: bool = False) -> list[dict]:
     from transformers.models.auto import modeling_auto
 
+    done = {}
+    if resume and FAMILIES.exists():
+        done = {(r["kind"], r["model_type"]): r for r in json.loads(FAMILIES.read_text())["families"]}
     rows = []
     for kind, mapping in KINDS:
         names = getattr(modeling_auto, mapping)
@@ -263,8 +272,9 @@ def families(limit: int | None = None) -> list[dict]:
                 break
             if isinstance(class_name, (tuple, list)):
                 class_name = class_name[0]
-            row = family_row(kind, model_type, class_name)
+            row = done.get((kind, model_type)) or family_row(kind, model_type, class_name)
             rows.append(row)
+            FAMILIES.write_text(json.dumps({"env": {}, "families": rows}, indent=1) + "\n")  # resumable
             print(f"{kind:20s} {model_type:28s} {row['status']:10s} {row.get('chains', '')!s:10s} "
                   f"{(row.get('reason') or '')[:90]}", flush=True)
     return rows

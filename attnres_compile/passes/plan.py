@@ -201,7 +201,8 @@ def add_site(add: Node, branch: Node, calls: dict | None = None) -> AddSite:
             import linecache
 
             path, line, code = call.file, call.line, linecache.getline(call.file, call.line).strip()
-        container, lasti, cols = call.container, call.lasti, call.cols
+        container = call.container if call.container is not None else container
+        lasti, cols = call.lasti, call.cols
     else:
         cols = None
     first = add.args[0]
