@@ -20,6 +20,7 @@ from .lowering.onnx_export import export_onnx
 from .lowering.onnx_generate import export_decoder, export_for_generation, ort_generate
 from .report import ConversionReport
 from .checks import VerifyReport, verify
+from .pipeline import PipelineSplitError, pipeline_stages
 
 __all__ = [
     "convert",
@@ -38,6 +39,8 @@ __all__ = [
     "ConversionReport",
     "verify",
     "VerifyReport",
+    "pipeline_stages",
+    "PipelineSplitError",
     "AttnResError",
     "CaptureError",
     "NoEligibleChainError",

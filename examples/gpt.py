@@ -127,6 +127,29 @@ class GPT(nn.Module):
         return self.lm_head(x)
 
 
+class GPTEmbed(nn.Module):
+    """The GPT's stream start (token + position embeddings): the first pipeline stage's `embed`
+    (attnres_compile.pipeline_stages)."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.wte, self.wpe, self.drop = gpt.transformer.wte, gpt.transformer.wpe, gpt.transformer.drop
+
+    def forward(self, idx):
+        return self.drop(self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device)))
+
+
+class GPTHead(nn.Module):
+    """Final norm and LM head: the last pipeline stage's `head`."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.ln_f, self.lm_head = gpt.transformer.ln_f, gpt.lm_head
+
+    def forward(self, h):
+        return self.lm_head(self.ln_f(h))
+
+
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; targets [B, T] int64 (-1 is ignored)."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -3,6 +3,7 @@
     torchrun --standalone --nproc-per-node 2 -m examples.train_distributed --mode ddp
     torchrun --standalone --nproc-per-node 2 -m examples.train_distributed --mode fsdp --bf16 --checkpointing
     torchrun --standalone --nproc-per-node 2 -m examples.train_distributed --mode fsdp --save ckpt_dir
+    torchrun --standalone --nproc-per-node 2 -m examples.train_distributed --mode pp --stages-per-rank 2 --cache held
 
 The model is examples/gpt.py converted with `attnres_compile.convert(num_blocks=4)`; the data
 is the byte corpus of examples/data.py, each rank drawing its own batches. `--mode fsdp` calls
@@ -11,7 +12,12 @@ runs) and on the root, which shards the AttnRes parameters with the model's embe
 norm. `--bf16` adds `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`,
 `--checkpointing` wraps every layer with `checkpoint_wrapper`, `--save` writes a
 `torch.distributed.checkpoint` of the model (AttnRes parameters included) that loads into any
-number of ranks. CPU runs use gloo, GPU runs nccl. What was verified is in docs/distributed.md.
+number of ranks. `--mode pp` cuts the layers into ranks x `--stages-per-rank` stages
+(`attnres_compile.pipeline_stages`, cross-stage block caching per `--cache`) and runs
+1F1B (`--stages-per-rank 1`) or interleaved 1F1B from torch.distributed.pipelining over `--microbatches`
+micro-batches of the batch (one batch, the same on every rank); the tied embedding's gradient is
+summed over the ranks that use it. CPU runs use gloo, GPU runs nccl. What was verified is in
+docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch.distributed as dist
 
 import attnres_compile
 from examples.data import get_batch, load_corpus
-from examples.gpt import GPT, GPTConfig, cosine_lr, loss_fn, param_groups
+from examples.gpt import GPT, GPTConfig, GPTEmbed, GPTHead, cosine_lr, loss_fn, param_groups
 
 
 def build(args) -> torch.nn.Module:
@@ -63,9 +69,59 @@ def parallelize(model: torch.nn.Module, args, device: torch.device) -> torch.nn.
     return model
 
 
+def train_pipeline(args, corpus, rank: int, world: int, device: torch.device) -> int:
+    """Pipeline parallelism: this rank's stages, a torch.distributed.pipelining schedule."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+
+    if args.bf16 or args.checkpointing or args.save:
+        raise SystemExit("--bf16, --checkpointing and --save go with --mode ddp/fsdp")
+    model = build(args).to(device)
+    n_stages = world * args.virtual
+    if args.layers < n_stages:
+        raise SystemExit(f"--layers {args.layers} cannot fill {n_stages} stages ({world} ranks x {args.virtual})")
+    bounds = [round(i * args.layers / n_stages) for i in range(n_stages + 1)]
+    mine = [rank + world * v for v in range(args.virtual)]
+    stages = attnres_compile.pipeline_stages(model, model.transformer.h, bounds, embed=GPTEmbed(model),
+                                             head=GPTHead(model), ranks=world, cache=args.cache, stages=mine)
+    pstages = [PipelineStage(st, st.index, n_stages, device) for st in stages]
+    schedule = (Schedule1F1B(pstages[0], args.microbatches, loss_fn=loss_fn) if args.virtual == 1 else
+                ScheduleInterleaved1F1B(pstages, args.microbatches, loss_fn=loss_fn))
+    params = list({id(p): p for st in stages for p in st.parameters()}.values())
+    tied = model.lm_head.weight          # the embedding's weight: used by the first and the last stage
+    opt = torch.optim.AdamW(param_groups(params, 0.1), lr=args.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(1000)      # the same batch on every rank: the schedule splits it
+    first, last = 0 in mine, n_stages - 1 in mine
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.lr, min(20, args.steps // 10 + 1), args.steps, 0.1)
+        x, y = (t.to(device) for t in get_batch("train", args.batch_size, args.context, gen, corpus))
+        opt.zero_grad(set_to_none=True)
+        losses: list = []
+        schedule.step(*((x,) if first else ()), **({"target": y, "losses": losses} if last else {}))
+        grad = tied.grad if tied.grad is not None else torch.zeros_like(tied)
+        dist.all_reduce(grad)                      # first + last stage's parts of the tied weight
+        if first or last:
+            tied.grad = grad
+        opt.step()
+        mean = torch.stack(losses).detach().float().mean() if last else torch.zeros((), device=device)
+        dist.all_reduce(mean)                      # only the last stage's rank has the losses
+        if rank == 0 and (step % 20 == 0 or step == args.steps - 1):
+            print(f"step {step:4d}  loss {mean.item():.4f}  ({time.perf_counter() - t0:.0f} s, {world} ranks, pp, "
+                  f"{n_stages} stages, cache {args.cache})", flush=True)
+    sent = {st.index: st.bytes_sent[-1] for st in stages if st.bytes_sent}
+    print(f"rank {rank}: bytes sent per micro-batch by stage {sent}", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="torchrun ... -m examples.train_distributed", description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=("ddp", "fsdp"), default="fsdp")
+    ap.add_argument("--mode", choices=("ddp", "fsdp", "pp"), default="fsdp")
+    ap.add_argument("--stages-per-rank", dest="virtual", type=int, default=1, help="pp: virtual stages per rank (2+: interleaved 1F1B)")
+    ap.add_argument("--cache", choices=("held", "received", "none"), default="held",
+                    help="pp: cross-stage block caching (docs/distributed.md)")
+    ap.add_argument("--microbatches", type=int, default=4, help="pp: micro-batches per batch")
     ap.add_argument("--bf16", action="store_true", help="FSDP2 bfloat16 parameters, float32 gradient reduction")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on every layer")
     ap.add_argument("--steps", type=int, default=200)
@@ -85,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.cuda.set_device(device)
     corpus = load_corpus()
+    if args.mode == "pp":
+        return train_pipeline(args, corpus, rank, world, device)
     model = parallelize(build(args), args, device)
     opt = torch.optim.AdamW(param_groups(model.parameters(), 0.1), lr=args.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(1000 + rank)          # each rank its own batches

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import attnres_compile as ac  # noqa: E402
-from examples.gpt import GPT, GPTConfig, loss_fn  # noqa: E402
+from examples.gpt import GPT, GPTConfig, GPTEmbed, GPTHead, loss_fn  # noqa: E402
 
 TIMEOUT = datetime.timedelta(seconds=60)
 
@@ -240,7 +240,71 @@ def dcp_save(kind: str, rank: int, out: Path) -> dict:
     return {"reload_max_abs_err": float((got - expected).abs().max()), "query_norm": query_norm}
 
 
-SCENARIOS = {"ddp": ddp, "fsdp": fsdp, "checkpointing": checkpointing, "dcp": dcp_save}
+def pipeline_gpt(num_blocks: int):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=32, dropout=0.0))
+    ids = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(1))
+    return ac.convert(model, (ids[:2, :-1],), num_blocks=num_blocks), ids
+
+
+def pipeline(kind: str, rank: int) -> dict:
+    """GPipe and 1F1B on 2 stages, interleaved 1F1B on 2 x 2 virtual stages, every cache policy."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    from attnres_compile.pipeline import pipeline_stages
+
+    results = {}
+    for schedule, virtual, cache, num_blocks in [("gpipe", 1, "none", 2), ("1f1b", 1, "none", 2),
+                                                 ("interleaved", 2, "none", 4), ("interleaved", 2, "received", 4),
+                                                 ("interleaved", 2, "held", 4), ("interleaved", 2, "held", 2)]:
+        conv, ids = pipeline_gpt(num_blocks)
+        x, y = ids[:, :-1], ids[:, 1:]
+        ref = copy.deepcopy(conv)
+        ref_loss = loss_fn(ref(x), y)
+        ref_loss.backward()
+        model = copy.deepcopy(conv)
+        n_stages = 2 * virtual
+        bounds = [0, 2, 4] if virtual == 1 else [0, 1, 2, 3, 4]
+        mine = [rank + 2 * v for v in range(virtual)]
+        stages = pipeline_stages(model, model.transformer.h, bounds, embed=GPTEmbed(model), head=GPTHead(model),
+                                 ranks=2, cache=cache, stages=mine)
+        pstages = [PipelineStage(st, st.index, n_stages, torch.device("cpu")) for st in stages]
+        if schedule == "gpipe":
+            sched = ScheduleGPipe(pstages[0], n_microbatches=4, loss_fn=loss_fn)
+        elif schedule == "1f1b":
+            sched = Schedule1F1B(pstages[0], n_microbatches=4, loss_fn=loss_fn)
+        else:
+            sched = ScheduleInterleaved1F1B(pstages, n_microbatches=4, loss_fn=loss_fn)
+        losses: list = []
+        for step in range(2):   # the second step runs with shapes known: its counts are the steady ones
+            for p in model.parameters():
+                p.grad = None
+            losses = []
+            if rank == 0:
+                sched.step(x)
+            else:
+                sched.step(target=y, losses=losses)
+        # every parameter's gradient, summed over ranks (each is used on one rank, the tied
+        # embedding on both: its gradient is the sum)
+        worst, where = 0.0, ""
+        refs = dict(ref.named_parameters())
+        for n, p in model.named_parameters():
+            g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(g)
+            err = float((g - refs[n].grad).abs().max() / refs[n].grad.abs().max().clamp_min(1e-12))
+            if err > worst:
+                worst, where = err, n
+        loss = torch.tensor(float(torch.stack(losses).detach().mean()) if losses else 0.0)
+        dist.all_reduce(loss)
+        key = f"{schedule}_v{virtual}_{cache}_blocks{num_blocks}"
+        results[key] = {"loss_err": abs(loss.item() - ref_loss.item()), "grad_rel_err": worst, "worst": where,
+                        "blocks_sent": {st.index: st.blocks_sent[-1] for st in stages if st.blocks_sent},
+                        "bytes_sent": {st.index: st.bytes_sent[-1] for st in stages if st.bytes_sent},
+                        "microbatch_tokens": 2 * 16, "d": 32}
+    return results
+
+
+SCENARIOS = {"ddp": ddp, "fsdp": fsdp, "checkpointing": checkpointing, "dcp": dcp_save, "pipeline": pipeline}
 
 
 def main() -> int:
