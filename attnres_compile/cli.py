@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the training-dynamics study (examples/train_lm.py; needs a source checkout)",
                        description="Runs examples/train_lm.py with the remaining arguments: "
                                    "`attnres train run --variant block4`, `attnres train study`, "
-                                   "`attnres train plot`; run records go to ./attnres_runs/ unless "
+                                   "`attnres train plot`, `attnres train retrofit study` (examples/retrofit.py); run records go to ./attnres_runs/ unless "
                                    "--out says otherwise. See docs/results.md.")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
@@ -908,8 +908,6 @@ def _load_program(path: Path):
 
 
 def cmd_plot_weights(args, ui: UI) -> int:
-    import torch
-
     from .analysis import plot_depth_weights, record_sites, schedules_from_layout
 
     path = Path(args.checkpoint)
@@ -961,6 +959,20 @@ def cmd_train(args, ui: UI) -> int:
     rest = [a for a in args.rest if a != "--"]
     # Run records go under the working directory (not into the package's checkout) unless --out says
     out = Path.cwd() / "attnres_runs"
+    if rest and rest[0] == "retrofit":   # examples/retrofit.py: `attnres train retrofit study|arm|pretrain|plot`
+        from examples.retrofit import main as retrofit_main
+
+        rest = rest[1:]
+        if rest and rest[0] != "plot":
+            rest += [] if "--out" in rest else ["--out", str(out / "retrofit")]
+            rest += [] if "--states" in rest else ["--states", str(out / "retrofit" / "states")]
+        elif rest:
+            rest += [] if "--out" in rest else ["--out", str(out / "retrofit")]
+            rest += [] if "--figures" in rest else ["--figures", str(out / "figures")]
+        try:
+            return retrofit_main(rest)
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     if rest and rest[0] in ("run", "study") and "--out" not in rest:
         rest += ["--out", str(out)]
     elif rest and rest[0] == "timing" and "--out" not in rest:

@@ -25,7 +25,6 @@ validation tokens) and the run's own step time. It also saves the converted prog
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -243,8 +242,12 @@ def save_checkpoint(model: torch.nn.Module, cfg: RunConfig, example: torch.Tenso
 
 # -- one run --------------------------------------------------------------------------------------
 
-def train(cfg: RunConfig, out_dir: Path = RUNS, console: Console | None = None, checkpoint: bool = True) -> dict:
-    """Train one variant and write `<out_dir>/<name>.json`; returns the record."""
+def train(cfg: RunConfig, out_dir: Path = RUNS, console: Console | None = None, checkpoint: bool = True,
+          state_out: Path | None = None) -> dict:
+    """Train one variant and write `<out_dir>/<name>.json`; returns the record.
+
+    `state_out`: also save the trained model's state_dict there (examples/retrofit.py starts from it).
+    """
     console = console or Console()
     torch.set_num_threads(cfg.threads)
     corpus = load_corpus()
@@ -306,6 +309,9 @@ def train(cfg: RunConfig, out_dir: Path = RUNS, console: Console | None = None, 
     rms = sublayer_input_rms(model, cfg, val[:8])
     # saved with validation text as its example inputs, so `attnres plot-weights` shows real bytes
     ckpt = save_checkpoint(model, cfg, val[0][0][:4], out_dir) if checkpoint else None
+    if state_out is not None:
+        Path(state_out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), state_out)
     warm = min(10, len(step_times) // 2)
     record = {
         "name": cfg.name,

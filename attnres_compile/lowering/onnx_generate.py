@@ -135,10 +135,6 @@ class _DecoderWithPast(nn.Module):
 def export_decoder(model: nn.Module, path: str | os.PathLike | None = None, *, inline: bool = False):
     """Export a converted causal LM as one decoder with past (prefill and decode); returns the
     onnx.ModelProto (also saved to `path`). Raises GenerationExportError naming what is missing."""
-    import onnx
-    import onnx.inliner
-    from torch.export import Dim
-
     from ..api import is_converted
 
     if not is_converted(model):

@@ -65,6 +65,7 @@ def grad_error(model, ref) -> tuple[float, str]:
     worst, name = 0.0, ""
     refs = dict(ref.named_parameters())
     for n, p in model.named_parameters():
+        n = n.replace("._checkpoint_wrapped_module", "")      # checkpoint_wrapper's extra level
         g, r = full(p.grad), refs[n].grad
         err = float((g - r).abs().max() / r.abs().max().clamp_min(1e-12))
         if err > worst:
@@ -82,6 +83,17 @@ def reference_grads(model, ids, loss_of, micro: int = 1):
 
 def my_half(ids, rank):
     return ids.chunk(2)[rank]
+
+
+def sharded(model, layers_of, **kw):
+    """A copy of `model` with `fully_shard` on every decoder layer, then on the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    out = copy.deepcopy(model)
+    for layer in layers_of(out):
+        fully_shard(layer, **kw)
+    fully_shard(out, **kw)
+    return out
 
 
 # -- scenarios ------------------------------------------------------------------------------------
@@ -106,27 +118,21 @@ def ddp(kind: str, rank: int) -> dict:
 
 
 def fsdp(kind: str, rank: int) -> dict:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     model, ids, loss_of, layers_of = MODELS[kind]()
     ref = reference_grads(model, ids, loss_of)
-    sharded = copy.deepcopy(model)
-    for layer in layers_of(sharded):
-        fully_shard(layer)
-    fully_shard(sharded)
-    loss = loss_of(sharded, my_half(ids, rank))
+    shards = sharded(model, layers_of)
+    loss = loss_of(shards, my_half(ids, rank))
     loss.backward()
-    err, where = grad_error(sharded, ref)
+    err, where = grad_error(shards, ref)
     ref_loss = loss_of(copy.deepcopy(model), my_half(ids, rank)).item()
     out = {"grad_rel_err": err, "worst": where, "loss_err": abs(loss.item() - ref_loss),
-           "attnres_sharded": all(type(p).__name__ == "DTensor" for p in ac.attnres_parameters(sharded).values())}
+           "attnres_sharded": all(type(p).__name__ == "DTensor" for p in ac.attnres_parameters(shards).values())}
 
     # bfloat16 parameters, float32 reductions: trains, and stays near the single-process autocast run
-    mp = copy.deepcopy(model)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in layers_of(mp):
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(mp, mp_policy=policy)
+    mp = sharded(model, layers_of, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                  reduce_dtype=torch.float32))
     single = copy.deepcopy(model)
     opt = torch.optim.AdamW(mp.parameters(), lr=3e-3)
     opt_single = torch.optim.AdamW(single.parameters(), lr=3e-3)
@@ -169,10 +175,7 @@ def checkpointing(kind: str, rank: int) -> dict:
 
     model, ids, loss_of, layers_of = MODELS[kind]()
     ref = reference_grads(model, ids, loss_of)
-    plain = copy.deepcopy(model)
-    for layer in layers_of(plain):
-        fully_shard(layer)
-    fully_shard(plain)
+    plain = sharded(model, layers_of)
     loss, plain_bytes = saved_bytes(lambda: loss_of(plain, my_half(ids, rank)))
     loss.backward()
     ckpt = copy.deepcopy(model)
@@ -183,7 +186,7 @@ def checkpointing(kind: str, rank: int) -> dict:
     fully_shard(ckpt)
     loss2, ckpt_bytes = saved_bytes(lambda: loss_of(ckpt, my_half(ids, rank)))
     loss2.backward()
-    err, where = grad_error_unwrapped(ckpt, ref)
+    err, where = grad_error(ckpt, ref)
     return {"grad_rel_err": err, "worst": where, "saved_bytes_plain": plain_bytes, "saved_bytes_checkpointed": ckpt_bytes,
             "loss_err": abs(loss.item() - loss2.item())}
 
@@ -194,40 +197,21 @@ def layers_of_wrapped(model, layer_ids):
     return [m for m in model.modules() if isinstance(m, CheckpointWrapper) and id(m._checkpoint_wrapped_module) in layer_ids]
 
 
-def grad_error_unwrapped(model, ref):
-    refs = dict(ref.named_parameters())
-    worst, name = 0.0, ""
-    for n, p in model.named_parameters():
-        key = n.replace("._checkpoint_wrapped_module", "")
-        g, r = full(p.grad), refs[key].grad
-        err = float((g - r).abs().max() / r.abs().max().clamp_min(1e-12))
-        if err > worst:
-            worst, name = err, key
-    return worst, name
-
-
 def dcp_save(kind: str, rank: int, out: Path) -> dict:
     """Train one step sharded, save with torch.distributed.checkpoint, reload into fresh 2-rank shards."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-    from torch.distributed.fsdp import fully_shard
 
     model, ids, loss_of, layers_of = MODELS[kind]()
-    sharded = copy.deepcopy(model)
-    for layer in layers_of(sharded):
-        fully_shard(layer)
-    fully_shard(sharded)
-    opt = torch.optim.SGD(sharded.parameters(), lr=0.5)
-    loss_of(sharded, my_half(ids, rank)).backward()
+    shards = sharded(model, layers_of)
+    opt = torch.optim.SGD(shards.parameters(), lr=0.5)
+    loss_of(shards, my_half(ids, rank)).backward()
     opt.step()      # the AttnRes queries move off zero, so a lost query would show in the outputs
-    dcp.save(get_model_state_dict(sharded), checkpoint_id=str(out / f"dcp_{kind}"))
+    dcp.save(get_model_state_dict(shards), checkpoint_id=str(out / f"dcp_{kind}"))
     with torch.no_grad():
-        sharded.eval()
-        expected = sharded(ids[:, :-1]) if kind == "gpt" else sharded(input_ids=ids, use_cache=False).logits
-    fresh = copy.deepcopy(model)
-    for layer in layers_of(fresh):
-        fully_shard(layer)
-    fully_shard(fresh)
+        shards.eval()
+        expected = shards(ids[:, :-1]) if kind == "gpt" else shards(input_ids=ids, use_cache=False).logits
+    fresh = sharded(model, layers_of)
     state = get_model_state_dict(fresh)
     dcp.load(state, checkpoint_id=str(out / f"dcp_{kind}"))
     set_model_state_dict(fresh, state)
