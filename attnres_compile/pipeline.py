@@ -80,7 +80,7 @@ class AttnResStage(nn.Module):
 
     def __init__(self, converted: nn.Module, layers: nn.ModuleList, index: int, bounds: Sequence[int],
                  links: Sequence[tuple[int, int]], embed: nn.Module | None, head: nn.Module | None, chain: int,
-                 cache: str, ranks: int, rank_cache: _RankCache):
+                 cache: str, ranks: int, rank_cache: _RankCache, state_in: tuple[int, bool], skip_out: int):
         super().__init__()
         self.index, self.num_stages = index, len(bounds) - 1
         self.layers = nn.ModuleList(layers[bounds[index]:bounds[index + 1]])
@@ -101,14 +101,10 @@ class AttnResStage(nn.Module):
         self.sites = nn.ModuleDict({names[j]: sites[j] for j in sorted(names)})
         self.cache, self.ranks = cache, ranks
         self._rank_cache = rank_cache
+        self.state_layout_in = state_in       # (blocks, partial present) this stage receives in all
+        self.skip_out = skip_out              # leading blocks it leaves out: the receiver holds them
         self.bytes_sent: list[int] = []       # per forward (micro-batch)
         self.blocks_sent: list[int] = []
-
-    # -- what the receiver already holds ----------------------------------------------------
-    def _cached_count(self, held_in: int, held_out: int) -> int:
-        if self.cache == "none":
-            return 0
-        return held_in if self.cache == "received" else held_out
 
     def forward(self, *inputs):
         rt = self._runtime
@@ -235,11 +231,10 @@ def pipeline_stages(converted: nn.Module, layers: nn.ModuleList | Sequence[nn.Mo
     rank_caches: dict[int, _RankCache] = {}
     built = []
     for k in (range(len(bounds) - 1) if stages is None else stages):
-        st = AttnResStage(converted, nn.ModuleList(layers), k, bounds, links, embed, head, chain, cache, ranks,
-                          rank_caches.setdefault(k % ranks, _RankCache()))
-        st.state_layout_in = layout[k - 1] if k > 0 else (0, False)
-        st.skip_out = _skip(k, layout, ranks, cache) if k < len(bounds) - 2 else 0
-        built.append(st)
+        built.append(AttnResStage(
+            converted, nn.ModuleList(layers), k, bounds, links, embed, head, chain, cache, ranks,
+            rank_caches.setdefault(k % ranks, _RankCache()), state_in=layout[k - 1] if k > 0 else (0, False),
+            skip_out=_skip(k, layout, ranks, cache) if k < len(bounds) - 2 else 0))
     return built
 
 
