@@ -59,16 +59,22 @@ def test_gpt_exports_non_strict():
     torch.testing.assert_close(ep.module()(idx), model(idx))
 
 
-def test_demo_quick_trains_both_models():
+def test_demo_quick_trains_both_models(tmp_path):
     from rich.console import Console
 
     from examples.demo import parse_args, run
 
-    cfg = parse_args(["--quick", "--steps", "6"])
+    cfg = parse_args(["--quick", "--steps", "6", "--out", str(tmp_path)])
     assert cfg.steps == 6
-    out = run(cfg, Console(file=io.StringIO(), width=120))
-    for key in ("baseline_val_loss", "attnres_val_loss", "step_time_ratio"):
-        assert math.isfinite(out[key]) and out[key] > 0
+    text = io.StringIO()
+    out = run(cfg, Console(file=text, width=160))
+    for key in ("baseline_val_loss", "attnres_val_loss", "step_time_ratio", "baseline_input_rms_ratio",
+                "attnres_input_rms_ratio", "baseline_grad_norm_cv", "attnres_grad_norm_cv"):
+        assert math.isfinite(out[key]) and out[key] > 0, key
+    printed = text.getvalue()
+    for row in ("input RMS, last sublayer / 2nd", "grad-norm CV across sublayers", "verdict", str(tmp_path)):
+        assert row in printed, row
+    assert (tmp_path / "demo_depth_weights.png").stat().st_size > 0
     assert out["baseline_val_loss"] < math.log(256) + 0.5
     assert out["report"]["chains"]
 
