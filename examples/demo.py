@@ -63,8 +63,10 @@ class RunConfig:
 
 
 def quick_config(seed: int = 0) -> RunConfig:
-    """A tiny run for tests: same model shape, 20 steps, small batches."""
-    return RunConfig(steps=20, seed=seed, batch_size=8, warmup=5, eval_batches=2)
+    """A tiny run for tests: 4 layers of the same width, 20 steps, small batches."""
+    cfg = RunConfig(steps=20, seed=seed, batch_size=8, warmup=5, eval_batches=2)
+    cfg.model.n_layer = 4
+    return cfg
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:

@@ -253,7 +253,7 @@ def test_to_dtype_on_converted_module(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", pytest.param("t5", marks=pytest.mark.slow)])
 def test_to_dtype_on_converted_hf_decoder(name, dtype):
     """Hugging Face code casts to the model's dtype and fills masks with finfo.min; after
     `.to(dtype)` the converted model runs that code in the new dtype. Checked against the

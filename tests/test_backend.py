@@ -164,7 +164,7 @@ def test_compiled_two_phase_under_no_grad():
     assert rel_err(out, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox_parallel", "t5"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox_parallel", pytest.param("t5", marks=pytest.mark.slow)])
 def test_dynamo_traces_converted_models_in_one_graph(name):
     """Dynamo traces the converted model's own code with the runtime's mode: every residual add
     is found from Dynamo's frames (parallel residuals: by column span within the line), in one

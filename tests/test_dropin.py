@@ -445,7 +445,7 @@ def _run_fresh(code: str, *args) -> str:
     return r.stdout
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox_parallel"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("gpt_neox_parallel", marks=pytest.mark.slow)])
 def test_save_pretrained_and_from_pretrained_in_a_fresh_process(tmp_path, name):
     model = build(name)
     conv = perturb(ac.convert(model, (IDS,), preserve="exact", num_blocks=2))
@@ -497,7 +497,7 @@ def test_transformers_trainer_trains_a_converted_model(tmp_path):
 
 # -- 7. saving whole --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", "vit", "examples_gpt"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("vit", marks=pytest.mark.slow), "examples_gpt"])
 def test_torch_save_load_in_a_fresh_process(tmp_path, name):
     if name == "examples_gpt":
         from examples.gpt import GPT, GPTConfig

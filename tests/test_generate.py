@@ -215,7 +215,7 @@ def test_ort_generate_without_past_recomputes():
     assert torch.equal(ort_generate(proto, ids, mask, max_new_tokens=4, pad_token_id=0), want)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_onnxruntime_genai_generates_the_same_greedy_tokens(tmp_path, name):
     og = pytest.importorskip("onnxruntime_genai")
     conv = perturb(ac.convert(build(name), (torch.randint(3, 64, (1, 4)),), preserve="exact", num_blocks=2))

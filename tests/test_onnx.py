@@ -59,7 +59,10 @@ def _perturb(conv):
             p.add_(0.3 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("name", list(CASES))
+SLOW_CASES = {"hf_gpt2", "hf_vit"}   # the same export path as hf_llama (make test-slow runs them)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in CASES])
 def test_export_parity_dynamic(name, tmp_path):
     model, args, kwargs, input_name, make = CASES[name]()
     model.eval()

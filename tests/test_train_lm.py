@@ -142,6 +142,7 @@ def _cli(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_plot_weights_on_a_hugging_face_program(tmp_path):
     """A program whose outputs are Hugging Face ModelOutputs loads: their module is imported."""
     ck = tmp_path / "llama.pt2"
