@@ -20,9 +20,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnres_compile as ac  # noqa: E402
 from attnres_compile.lowering.onnx_generate import _export_decoder  # noqa: E402
+from bench_models import time_pair  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,26 +43,6 @@ def llama(layers: int, d: int, vocab: int):
                       max_position_embeddings=1024)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fns: dict, iters: int, warmup: int, device) -> dict:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    samples = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
 
 def torch_steps(model, ids):
@@ -119,13 +98,13 @@ def run(args) -> dict:
         ids = ids.to(device)
         bp, bd = torch_steps(base, ids)
         cp, cd = torch_steps(conv, ids)
-        ms = timed({"original": bp, "attnres": cp}, args.iters, args.warmup, device)
+        ms = time_pair({"original": bp, "attnres": cp}, args.iters, args.warmup, device)
         rows[f"eager prefill, batch {batch}"] = ms | {"ratio": ms["attnres"] / ms["original"]}
-        ms = timed({"original": bd, "attnres": cd}, args.iters * 4, args.warmup, device)
+        ms = time_pair({"original": bd, "attnres": cd}, args.iters * 4, args.warmup, device)
         rows[f"eager decode, batch {batch}"] = ms | {"ratio": ms["attnres"] / ms["original"],
                                                    "tokens_per_s": {k: 1e3 * batch / v for k, v in ms.items()}}
         conv.attnres.runtime.two_phase = True
-        ms2 = timed({"original": bd, "attnres": cd}, args.iters * 4, args.warmup, device)
+        ms2 = time_pair({"original": bd, "attnres": cd}, args.iters * 4, args.warmup, device)
         conv.attnres.runtime.two_phase = None
         rows[f"eager decode two-phase, batch {batch}"] = ms2 | {"ratio": ms2["attnres"] / ms2["original"]}
         if args.compile:
@@ -134,9 +113,9 @@ def run(args) -> dict:
             cc = torch.compile(conv, backend="attnres", dynamic=True)
             bp, bd = torch_steps(cb, ids)
             cp, cd = torch_steps(cc, ids)
-            ms = timed({"original": bp, "attnres": cp}, args.iters, args.warmup, device)
+            ms = time_pair({"original": bp, "attnres": cp}, args.iters, args.warmup, device)
             rows[f"compiled prefill, batch {batch}"] = ms | {"ratio": ms["attnres"] / ms["original"]}
-            ms = timed({"original": bd, "attnres": cd}, args.iters * 4, args.warmup, device)
+            ms = time_pair({"original": bd, "attnres": cd}, args.iters * 4, args.warmup, device)
             rows[f"compiled decode, batch {batch}"] = ms | {"ratio": ms["attnres"] / ms["original"]}
         if args.onnx and device.type == "cpu":
             if batch == args.batches[0]:
@@ -145,10 +124,10 @@ def run(args) -> dict:
                             for k, p in protos.items()}
                 sessions["attnres fused"] = ac.lowering.onnx_export.ort_session(protos["attnres"], fused=True)
             steps = {k: ort_steps(s, ids.cpu(), {}) for k, s in sessions.items()}
-            ms = timed({k: v[0] for k, v in steps.items()}, args.iters, args.warmup, device)
+            ms = time_pair({k: v[0] for k, v in steps.items()}, args.iters, args.warmup, device)
             rows[f"onnxruntime prefill, batch {batch}"] = ms | {
                 "ratio": ms["attnres"] / ms["original"], "ratio_fused": ms["attnres fused"] / ms["original"]}
-            ms = timed({k: v[1] for k, v in steps.items()}, args.iters * 4, args.warmup, device)
+            ms = time_pair({k: v[1] for k, v in steps.items()}, args.iters * 4, args.warmup, device)
             rows[f"onnxruntime decode, batch {batch}"] = ms | {
                 "ratio": ms["attnres"] / ms["original"], "ratio_fused": ms["attnres fused"] / ms["original"]}
     return rows

@@ -98,9 +98,6 @@ def export_onnx(model: torch.nn.Module, example_inputs=None, path: str | os.Path
             past_key_values.* in, present.* out, dynamic batch, sequence and past length; the
             example inputs are not needed).
     """
-    import onnx
-    import onnx.inliner
-
     from ..api import is_converted
     from ..capture import normalize_inputs, without_cache
 
@@ -128,7 +125,15 @@ def export_onnx(model: torch.nn.Module, example_inputs=None, path: str | os.Path
         )
     finally:
         model.train(was_training)
-    proto = program.model_proto
+    return finish_proto(program.model_proto, path, inline=inline)
+
+
+def finish_proto(proto, path=None, *, inline: bool = False):
+    """An exported ModelProto made self-contained: the `attnres::DepthAttention` function and
+    its opset import added when the exporter left them out, optionally inlined, saved to `path`."""
+    import onnx
+    import onnx.inliner
+
     if not any(f.domain == DOMAIN and f.name == OP_TYPE for f in proto.functions):
         proto.functions.append(function_proto())
     if not any(o.domain == DOMAIN for o in proto.opset_import):

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import AttnResError
-from .onnx_export import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, function_proto, translation_table
+from .onnx_export import ONNX_OPSET, finish_proto, translation_table
 
 
 class GenerationExportError(AttnResError, ValueError):
@@ -145,8 +145,6 @@ def export_decoder(model: nn.Module, path: str | os.PathLike | None = None, *, i
 
 def _export_decoder(model: nn.Module, path=None, *, inline: bool = False):
     """export_decoder without the converted-model check (benchmarks export the original too)."""
-    import onnx
-    import onnx.inliner
     from torch.export import Dim
 
     was_training = model.training
@@ -173,16 +171,7 @@ def _export_decoder(model: nn.Module, path=None, *, inline: bool = False):
             verbose=False)
     finally:
         model.train(was_training)
-    proto = program.model_proto
-    if not any(f.domain == DOMAIN and f.name == "DepthAttention" for f in proto.functions):
-        proto.functions.append(function_proto())
-    if not any(o.domain == DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    if inline:
-        proto = onnx.inliner.inline_local_functions(proto)
-    if path is not None:
-        onnx.save(proto, os.fspath(path))
-    return proto
+    return finish_proto(program.model_proto, path, inline=inline)
 
 
 def write_genai_config(model: nn.Module, folder: str | os.PathLike, *, filename: str = "model.onnx",
