@@ -55,7 +55,7 @@ class _RouteCachedGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        leaf_grads = [None if leaf.grad is None else leaf.grad for leaf in ctx.leaves]
+        leaf_grads = [leaf.grad for leaf in ctx.leaves]
         for leaf in ctx.leaves:
             leaf.grad = None
         return (grad, None, *leaf_grads)
@@ -78,7 +78,7 @@ class AttnResStage(nn.Module):
     Returns the state tensors for the next stage, or `head(h_final)` for the last stage.
     """
 
-    def __init__(self, converted: nn.Module, layers: nn.ModuleList, index: int, bounds: Sequence[int],
+    def __init__(self, converted: nn.Module, layers: Sequence[nn.Module], index: int, bounds: Sequence[int],
                  links: Sequence[tuple[int, int]], embed: nn.Module | None, head: nn.Module | None, chain: int,
                  cache: str, ranks: int, rank_cache: _RankCache, state_in: tuple[int, bool], skip_out: int):
         super().__init__()
@@ -232,7 +232,7 @@ def pipeline_stages(converted: nn.Module, layers: nn.ModuleList | Sequence[nn.Mo
     built = []
     for k in (range(len(bounds) - 1) if stages is None else stages):
         built.append(AttnResStage(
-            converted, nn.ModuleList(layers), k, bounds, links, embed, head, chain, cache, ranks,
+            converted, layers, k, bounds, links, embed, head, chain, cache, ranks,
             rank_caches.setdefault(k % ranks, _RankCache()), state_in=layout[k - 1] if k > 0 else (0, False),
             skip_out=_skip(k, layout, ranks, cache) if k < len(bounds) - 2 else 0))
     return built
@@ -258,19 +258,6 @@ def _skip(k: int, layout, ranks: int, cache: str) -> int:
     held_in = layout[prev - 1][0] if prev > 0 else 0    # blocks it received
     held_out = layout[prev][0]                         # blocks it had when it ended
     return held_in if cache == "received" else held_out
-
-
-def expected_blocks_sent(num_blocks_after: Callable[[int], int], stages: int, ranks: int, cache: str) -> list[int]:
-    """Blocks each boundary sends, from the block counts alone (for docs and benchmarks)."""
-    out = []
-    for k in range(stages - 1):
-        prev = k + 1 - ranks
-        if cache == "none" or prev < 0:
-            skip = 0
-        else:
-            skip = (num_blocks_after(prev - 1) if prev > 0 else 0) if cache == "received" else num_blocks_after(prev)
-        out.append(num_blocks_after(k) - skip)
-    return out
 
 
 def run_locally(stages: Sequence[AttnResStage], *inputs, loss_fn: Callable | None = None, target=None,

@@ -44,7 +44,7 @@ from rich.table import Table
 import attnres_compile
 from examples.data import get_batch, load_corpus
 from examples.gpt import cosine_lr, loss_fn, param_groups
-from examples.train_lm import RunConfig, build_model, cv, evaluate, sublayer_input_rms, sublayer_of, train
+from examples.train_lm import RunConfig, build_model, cv, evaluate, sublayer_grad_norms, sublayer_input_rms, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "retrofit"
@@ -120,8 +120,10 @@ def pretrain(cfg: RetrofitConfig, out_dir: Path = RESULTS, states: Path = STATES
     return path
 
 
-def build_arm(cfg: RetrofitConfig, state: dict) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.nn.Parameter]]:
-    """(model to train, the converted or plain model inside it, trainable parameters by name)."""
+def build_arm(cfg: RetrofitConfig, state: dict) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.nn.Parameter],
+                                                         set[str]]:
+    """(model to train, the converted or plain model inside it, trainable parameters by name,
+    the names of the added ones: AttnRes and LoRA)."""
     base_cfg = RunConfig(variant="baseline", seed=cfg.seed, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
                          n_head=cfg.n_head, context=cfg.context)
     gpt, example = build_model(base_cfg)
@@ -135,38 +137,22 @@ def build_arm(cfg: RetrofitConfig, state: dict) -> tuple[torch.nn.Module, torch.
 
         model = get_peft_model(inner, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                                  target_modules=[LORA_TARGET]))
-    new = attnres_compile.attnres_parameters(model) if inner is not gpt else {}
     named = dict(model.named_parameters())
-    if cfg.arm in ("continue", "exact"):
-        trainable = named
-    else:
-        trainable = {n: p for n, p in named.items() if n in new or "lora_" in n}
+    added = set(attnres_compile.attnres_parameters(model) if inner is not gpt else ()) | {n for n in named if "lora_" in n}
+    trainable = named if cfg.arm in ("continue", "exact") else {n: p for n, p in named.items() if n in added}
     for n, p in named.items():
         p.requires_grad_(n in trainable)
-    return model, inner, trainable
+    return model, inner, trainable, added
 
 
-def make_optimizer(trainable: dict[str, torch.nn.Parameter], cfg: RetrofitConfig) -> torch.optim.AdamW:
+def make_optimizer(trainable: dict[str, torch.nn.Parameter], added: set[str], cfg: RetrofitConfig) -> torch.optim.AdamW:
     """nanoGPT groups for the base; AttnRes and LoRA parameters undecayed (docs/results.md's finding)."""
-    extra = [p for n, p in trainable.items() if "lora_" in n or n.startswith("attnres.") or ".attnres." in n]
-    extra_ids = {id(p) for p in extra}
-    groups = [g for g in param_groups((p for p in trainable.values() if id(p) not in extra_ids), cfg.weight_decay)
+    extra = [p for n, p in trainable.items() if n in added]
+    groups = [g for g in param_groups((p for n, p in trainable.items() if n not in added), cfg.weight_decay)
               if g["params"]]
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-
-
-def base_sublayer_grads(model: torch.nn.Module, n_sub: int) -> list[float]:
-    """Per-sublayer gradient norm of the base model's own parameters (LoRA and AttnRes excluded)."""
-    sq = [0.0] * n_sub
-    for name, p in model.named_parameters():
-        if "lora_" in name or p.grad is None:
-            continue
-        k = sublayer_of(name.removeprefix("base_model.model.").replace(".base_layer", ""))
-        if k is not None:
-            sq[k] += float(p.grad.detach().pow(2).sum())
-    return [math.sqrt(s) for s in sq]
 
 
 @torch.no_grad()
@@ -189,10 +175,10 @@ def run_arm(cfg: RetrofitConfig, out_dir: Path = RESULTS, states: Path = STATES,
                                 f"`python -m examples.retrofit pretrain --seed {cfg.seed}` first")
     corpus = load_corpus()
     state = torch.load(path, weights_only=True)
-    model, inner, trainable = build_arm(cfg, state)
+    model, inner, trainable, added = build_arm(cfg, state)
     model.train()
-    opt = make_optimizer(trainable, cfg)
-    frozen = [p for n, p in model.named_parameters() if n not in trainable and "lora_" not in n]
+    opt = make_optimizer(trainable, added, cfg)
+    frozen = [p for n, p in model.named_parameters() if n not in trainable and n not in added]
     n_sub = 2 * cfg.n_layer
 
     data_gen = torch.Generator().manual_seed(2000 + cfg.seed)   # the continuation's batches, same for every arm
@@ -221,7 +207,7 @@ def run_arm(cfg: RetrofitConfig, out_dir: Path = RESULTS, states: Path = STATES,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if measure:
-            grad_log.append((step, base_sublayer_grads(model, n_sub)))
+            grad_log.append((step, sublayer_grad_norms(model, n_sub)))   # the base's own parameters
             for p in frozen:
                 p.grad = None
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
@@ -238,8 +224,7 @@ def run_arm(cfg: RetrofitConfig, out_dir: Path = RESULTS, states: Path = STATES,
     tail = [g for s, g in grad_log if s >= 0.8 * cfg.steps] or [grad_log[-1][1]]
     grad_mean = [statistics.fmean(col) for col in zip(*tail)]
     variant = "baseline" if cfg.arm in ("continue", "lora") else "block4"
-    rms_model = inner
-    rms = sublayer_input_rms(rms_model, replace(cfg.pretrain_config(), variant=variant), val[:8])
+    rms = sublayer_input_rms(inner, replace(cfg.pretrain_config(), variant=variant), val[:8])
     record = {
         "name": cfg.name,
         "config": asdict(cfg),

@@ -129,8 +129,13 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def sublayer_of(name: str) -> int | None:
-    """Parameter name -> sublayer index (2i: ln_1 + attention of block i, 2i+1: ln_2 + MLP)."""
-    parts = name.split(".")
+    """Parameter name -> sublayer index (2i: ln_1 + attention of block i, 2i+1: ln_2 + MLP).
+
+    PEFT's names of the same parameters count too (`base_model.model.` prefix, `.base_layer`);
+    LoRA factors are not the model's parameters and count nowhere."""
+    if "lora_" in name:
+        return None
+    parts = name.removeprefix("base_model.model.").replace(".base_layer", "").split(".")
     if len(parts) < 4 or parts[0] != "transformer" or parts[1] != "h":
         return None
     i = int(parts[2])

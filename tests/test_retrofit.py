@@ -56,7 +56,7 @@ def test_lora_alone_keeps_the_plain_model(tiny_study):
     """(d) is PEFT on the unconverted base: no AttnRes parameters anywhere."""
     _, states, _ = tiny_study
     cfg = retrofit.tiny_config("lora")
-    model, inner, trainable = retrofit.build_arm(cfg, torch.load(retrofit.state_path(cfg, states), weights_only=True))
+    model, inner, trainable, _ = retrofit.build_arm(cfg, torch.load(retrofit.state_path(cfg, states), weights_only=True))
     assert not any("attnres" in n for n, _ in model.named_parameters())
     assert all("lora_" in n for n in trainable)
 
