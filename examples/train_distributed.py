@@ -110,7 +110,11 @@ def train_pipeline(args, corpus, rank: int, world: int, device: torch.device) ->
             print(f"step {step:4d}  loss {mean.item():.4f}  ({time.perf_counter() - t0:.0f} s, {world} ranks, pp, "
                   f"{n_stages} stages, cache {args.cache})", flush=True)
     sent = {st.index: st.bytes_sent[-1] for st in stages if st.bytes_sent}
-    print(f"rank {rank}: bytes sent per micro-batch by stage {sent}", flush=True)
+    every: list = [None] * world              # one printer: two ranks writing one pipe interleave mid-line
+    dist.all_gather_object(every, sent)
+    if rank == 0:
+        merged = dict(sorted(kv for d in every for kv in d.items()))
+        print(f"bytes sent per micro-batch by stage {merged}", flush=True)
     dist.destroy_process_group()
     return 0
 
