@@ -80,6 +80,12 @@ def _rows(t: Tensor, d: int) -> Tensor:
     return r
 
 
+def _vec(t: Tensor) -> Tensor:
+    """A ``[D]`` parameter as the kernels read it: unit stride (a strided or expanded query or
+    gain is copied; the kernels index it as ``ptr + d``)."""
+    return t if t.stride(0) == 1 else t.contiguous()
+
+
 def _grid(num_tiles: int, device: torch.device, num_programs: int | None) -> int:
     cap = num_programs if num_programs is not None else max_programs(device)
     return max(1, min(num_tiles, cap))
@@ -101,6 +107,7 @@ def forward(
 ) -> Tensor:
     """``h`` [..., D] in the sources' dtype; one read of every source element."""
     first = sources[0]
+    query, norm_weight = _vec(query), _vec(norm_weight)
     d = first.shape[-1]
     dtype = SUPPORTED_DTYPES[first.dtype]
     rows = [_rows(s, d) for s in sources]
@@ -143,6 +150,7 @@ def backward(
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """Gradients of every source, of the query and of the norm gain."""
     first = sources[0]
+    query, norm_weight = _vec(query), _vec(norm_weight)
     d = first.shape[-1]
     m = len(sources)
     dtype = SUPPORTED_DTYPES[first.dtype]
@@ -150,8 +158,8 @@ def backward(
     t = rows[0].shape[0]
     grad = grad_out.reshape(-1, d)  # expanded grads keep their (zero) strides
     grads = [torch.empty((t, d), dtype=first.dtype, device=first.device) for _ in range(m)]
-    dq = torch.empty_like(query)
-    dg = torch.empty_like(norm_weight)
+    dq = torch.empty(d, dtype=query.dtype, device=query.device)
+    dg = torch.empty(d, dtype=norm_weight.dtype, device=norm_weight.device)
     if t == 0:
         dq.zero_()
         dg.zero_()
@@ -225,6 +233,7 @@ def phase2(
 ) -> Tensor:
     """``h [..., D]``: phase 1's state of one site merged with the running partial (if any)."""
     d = o.shape[-1]
+    query, gain = _vec(query), _vec(gain)
     dtype = SUPPORTED_DTYPES[o.dtype]
     o_rows = _rows(o, d)
     t = o_rows.shape[0]
