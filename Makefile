@@ -2,7 +2,10 @@
 #
 # The venv gets torch 2.13.0 (the CPU build, which pip finds on this machine's disk) *before*
 # the package, so `pip install -e '.[test]'` sees torch>=2.5 already satisfied and never pulls
-# a CUDA build. The stamp file re-runs the install whenever pyproject.toml changes.
+# a CUDA build. The package's native code (setup.py: the CPU kernels, a torch C++ extension,
+# and the fused onnxruntime kernel) is compiled once here, with --no-build-isolation so that
+# the build sees the installed torch (an isolated build would have none). The stamp file
+# re-runs the install whenever the build's inputs change.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,10 +17,10 @@ STAMP  := $(VENV)/.attnres-installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade-strategy only-if-needed '$(TORCH)'
-	$(PY) -m pip install --upgrade-strategy only-if-needed -e '.[test]'
+	$(PY) -m pip install --upgrade-strategy only-if-needed '$(TORCH)' 'setuptools>=70.1' wheel
+	$(PY) -m pip install --upgrade-strategy only-if-needed --no-build-isolation -e '.[test]'
 	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 	touch $@
 

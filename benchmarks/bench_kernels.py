@@ -13,7 +13,8 @@ it, so a busy machine moves both):
   outputs; baseline ``clone()`` (also allocates).
 * ``kernel``: the same kernel writing into preallocated outputs; baseline ``copy_()`` into a
   preallocated tensor.
-* CPU: the compiled C path (``lowering/cpu_kernels.py``), the plain PyTorch implementation of
+* CPU: the native kernels built at install (``attnres_compile._C``, ``lowering/cpu_kernels.py``;
+  ``--isa`` picks a build), the plain PyTorch implementation of
   the op, and the naive stacked reference (``ops/reference.py``); with ``--inductor`` also
   ``torch.compile`` of the reference formula.
 * CUDA: the generated Triton kernels through the ops, and fla's fused ``fused_attnres`` on the
@@ -59,8 +60,9 @@ TRAIN_SHAPES = [
     ("d4096-m17", 4096, 17, 4096, 1024, torch.bfloat16),
     ("d2048-m9", 2048, 9, 4096, 4096, torch.bfloat16),
     ("small-fp32", 768, 5, 4096, 8192, torch.float32),
+    ("d2048-m9-fp32", 2048, 9, 4096, 2048, torch.float32),
 ]
-QUICK = {"d2048-m9", "small-fp32"}
+QUICK = {"d2048-m9", "small-fp32", "d2048-m9-fp32"}
 # (label, D, N completed blocks, S sites, tokens CUDA, tokens CPU, dtype)
 TWO_PHASE_SHAPES = [
     ("kimi-n8-s16", 7168, 8, 16, 4096, 512, torch.bfloat16),
@@ -215,13 +217,13 @@ def bench_cpu(quick: bool, reps: int, inductor: bool) -> list[Row]:
         if fast:
             out = torch.empty(t, d, dtype=dtype)
             outs = [torch.empty(t, d, dtype=dtype) for _ in range(m)]
-            add("forward", "op: compiled C (allocates h)",
+            add("forward", "op: native C++ (allocates h)",
                 lambda: torch.ops.attnres.depth_attention(sources, query, gain, eps, 1.0))
-            add("forward", "kernel: compiled C (preallocated h)",
+            add("forward", "kernel: native C++ (preallocated h)",
                 lambda: cpu_kernels.forward(sources, query, gain, eps, 1.0, out=out))
-            add("backward", "op: compiled C (allocates grads)",
+            add("backward", "op: native C++ (allocates grads)",
                 lambda: torch.ops.attnres.depth_attention_backward(grad, sources, query, gain, eps, 1.0))
-            add("backward", "kernel: compiled C (preallocated grads)",
+            add("backward", "kernel: native C++ (preallocated grads)",
                 lambda: cpu_kernels.backward(grad, sources, query, gain, eps, 1.0, out=outs))
             del out, outs
         add("forward", "plain PyTorch op body", lambda: _depth_attention_forward_impl(sources, query, gain, eps, 1.0),
@@ -268,15 +270,11 @@ def _bench_two_phase(dev, label, d, n, s, t, dtype, reps, big, fast, plain) -> l
     p2_floor = 3 * t * d * e + 2 * t * 4  # read o, partial, write h (+ m, z)
     shape = f"{label} D={d} N={n} S={s} T={t}"
     print(f"  {shape} {str(dtype)[6:]}", flush=True)
-    impl = "generated Triton (op)" if dev == "cuda" else "op: compiled C"
+    impl = "generated Triton (op)" if dev == "cuda" else "op: native C++"
     o, m, z = torch.ops.attnres.depth_attention_phase1(blocks, queries, gains, 1e-6)
     if fast:
         rows.append(_row(dev, "phase1", shape, dtype, impl + (" (allocates o)" if dev == "cpu" else ""), p1_floor,
                          lambda: torch.ops.attnres.depth_attention_phase1(blocks, queries, gains, 1e-6), big, reps))
-        if dev == "cpu":
-            pre = (torch.empty_like(o), torch.empty_like(m), torch.empty_like(z))
-            rows.append(_row(dev, "phase1", shape, dtype, "kernel: compiled C (preallocated o)", p1_floor,
-                             lambda: cpu_kernels.phase1(blocks, queries, gains, 1e-6, out=pre), big, reps))
         rows.append(_row(dev, "phase2", shape, dtype, impl, p2_floor,
                          lambda: torch.ops.attnres.depth_attention_phase2(o[1], m[1], z[1], partial, queries[1],
                                                                           gains[1], 1e-6, 1.0), big, reps))
@@ -393,7 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions per row (median reported)")
     ap.add_argument("--no-inductor", action="store_true", help="skip the torch.compile(reference) row")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--devices", default="cpu,cuda", help="cpu, cuda or both (cuda rows need a GPU)")
+    ap.add_argument("--isa", default="best", help="native CPU kernel build: base, avx2, avx512 or best")
     args = ap.parse_args(argv)
+    devices = set(args.devices.split(","))
+    if cpu_kernels.available():
+        cpu_kernels.select_isa(args.isa)
 
     threads = torch.get_num_threads()
     meta = {
@@ -405,28 +408,31 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": threads,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cpu_fast_path_available": cpu_kernels.available(),
+        "cpu_kernel_isa": cpu_kernels.isa() if cpu_kernels.available() else None,
         "note": "CPU rows use fewer tokens than the CUDA rows (see each row's T) to keep the CPU run short.",
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    print(f"[bench_kernels] CPU: {os.cpu_count()} cores, {threads} torch threads; fewer tokens on CPU than on CUDA")
-    cpu_copy = copy_bandwidth("cpu")
-    cpu_rows = bench_cpu(args.quick, args.reps, not args.no_inductor)
-    cpu_json = {"meta": meta, "device": "cpu", "copy_bandwidth": cpu_copy, "rows": [asdict(r) for r in cpu_rows]}
-    if torch.cuda.is_available():
+    if "cuda" in devices and torch.cuda.is_available():
         cuda_copy = copy_bandwidth("cuda")
         cuda_rows = bench_cuda(args.quick, args.reps)
         cuda_json = {"meta": {**meta, "gpu": torch.cuda.get_device_name()}, "device": "cuda",
                      "copy_bandwidth": cuda_copy, "rows": [asdict(r) for r in cuda_rows]}
         (args.out_dir / "kernels_cuda.json").write_text(json.dumps(cuda_json, indent=2))
         print_table(cuda_rows, cuda_copy, "CUDA kernels")
-    else:
-        cpu_json["cuda"] = {"status": "unmeasured (no GPU)", "rows": [asdict(r) for r in unmeasured_cuda_rows()]}
-    (args.out_dir / "kernels_cpu.json").write_text(json.dumps(cpu_json, indent=2))
-    print_table(cpu_rows, cpu_copy, "CPU kernels")
-    if not torch.cuda.is_available():
-        print("CUDA rows: unmeasured (no GPU) — recorded as such in kernels_cpu.json, not estimated")
-    print(f"wrote {args.out_dir / 'kernels_cpu.json'}")
+        print(f"wrote {args.out_dir / 'kernels_cuda.json'}")
+    if "cpu" in devices:
+        print(f"[bench_kernels] CPU: {os.cpu_count()} cores, {threads} torch threads; fewer tokens on CPU than on CUDA")
+        cpu_copy = copy_bandwidth("cpu")
+        cpu_rows = bench_cpu(args.quick, args.reps, not args.no_inductor)
+        cpu_json = {"meta": meta, "device": "cpu", "copy_bandwidth": cpu_copy, "rows": [asdict(r) for r in cpu_rows]}
+        if not torch.cuda.is_available():
+            cpu_json["cuda"] = {"status": "unmeasured (no GPU)", "rows": [asdict(r) for r in unmeasured_cuda_rows()]}
+        (args.out_dir / "kernels_cpu.json").write_text(json.dumps(cpu_json, indent=2))
+        print_table(cpu_rows, cpu_copy, "CPU kernels")
+        if not torch.cuda.is_available():
+            print("CUDA rows: unmeasured (no GPU) — recorded as such in kernels_cpu.json, not estimated")
+        print(f"wrote {args.out_dir / 'kernels_cpu.json'}")
     return 0
 
 

@@ -1,8 +1,12 @@
 """Model-level cost of AttnRes: step time of the converted model over the same model with
 plain residuals, eager and compiled, training and inference, timed in one run.
 
-    python benchmarks/bench_models.py [--layers 12] [--d 256] [--batch 8] [--seq 128] [--num-blocks 8]
-                                      [--device cpu|cuda] [--no-compile]
+    python benchmarks/bench_models.py [--model gpt|llama] [--layers 12] [--d 256] [--batch 8] [--seq 128]
+                                      [--num-blocks 8] [--device cpu|cuda] [--no-compile]
+
+``--model gpt`` is examples/gpt.py; ``--model llama`` a Hugging Face LlamaForCausalLM built from a
+config of the same size (intermediate 8/3 d rounded to 64, vocab 32000, grouped KV heads).
+Compiled inference runs under no_grad, which on CUDA serves the sites two-phase (SPEC section 3).
 
 Variants are timed interleaved (baseline step, AttnRes step, baseline step, ...) so that
 machine load hits both alike; medians are reported. Writes benchmarks/results/models_<device>.json.
@@ -62,13 +66,36 @@ def time_pair(fns: dict, iters: int, warmup: int, device) -> dict:
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
 
+class _Logits(torch.nn.Module):
+    """A Hugging Face causal LM called like examples GPT: ids -> logits."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, idx):
+        return self.lm(input_ids=idx, use_cache=False).logits
+
+
+def build(args, device):
+    torch.manual_seed(0)
+    if args.model == "gpt":
+        cfg = GPTConfig(block_size=args.seq, n_layer=args.layers, n_head=args.heads, n_embd=args.d)
+        return GPT(cfg).to(device), cfg.vocab_size
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = 32000
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=args.d, intermediate_size=64 * round(8 * args.d / 3 / 64),
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=max(1, args.heads // 4), max_position_embeddings=args.seq)
+    return _Logits(LlamaForCausalLM(cfg)).to(device), vocab
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    cfg = GPTConfig(block_size=args.seq, n_layer=args.layers, n_head=args.heads, n_embd=args.d)
-    base = GPT(cfg).to(device)
-    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
-    y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
+    base, vocab = build(args, device)
+    x = torch.randint(0, vocab, (args.batch, args.seq), device=device)
+    y = torch.randint(0, vocab, (args.batch, args.seq), device=device)
     conv = attnres_compile.convert(base, (x,), num_blocks=args.num_blocks).to(device)
     rows = {}
     modes = [("eager", False)] + ([("compiled", True)] if args.compile else [])
@@ -93,6 +120,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["gpt", "llama"], default="gpt")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -105,13 +133,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    out = Path(args.out or RESULTS / f"models_{args.device}.json")
+    out = Path(args.out or RESULTS / f"models_{args.device}{'' if args.model == 'gpt' else '_' + args.model}.json")
     result = {
         "device": args.device,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"{torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "config": vars(args) | {"sublayers": 2 * args.layers},
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
     }
     if args.device == "cuda" and not torch.cuda.is_available():
         result["rows"] = "unmeasured (no GPU on this machine)"
@@ -121,7 +150,7 @@ def main(argv=None) -> int:
         from rich.console import Console
         from rich.table import Table
 
-        t = Table(title=f"GPT {args.layers} layers d {args.d}, batch {args.batch} x {args.seq}, "
+        t = Table(title=f"{args.model} {args.layers} layers d {args.d}, batch {args.batch} x {args.seq}, "
                         f"{args.num_blocks} blocks, {args.device}")
         for col in ("", "baseline ms", "AttnRes ms", "AttnRes / baseline"):
             t.add_column(col, justify="right")

@@ -246,8 +246,10 @@ def ort_session(model, *, fused: bool = True, unstack: bool = True, sess_options
         model: a path to a .onnx file, its bytes, or an onnx.ModelProto.
         fused: register the fused `attnres::DepthAttention` kernel (``ort_kernel.py``), so that
             onnxruntime runs it for every DepthAttention node instead of the function body
-            (CPU provider, float32 models). Raises RuntimeError when the kernel cannot be built
-            (no C compiler, onnxruntime older than 1.29); ``fused=False`` is stock onnxruntime.
+            (CPU provider, float32 models). When the kernel is unavailable (not built at
+            install, onnxruntime older than 1.29) the session runs the function body, with a
+            warning naming the reason (none when ``ATTNRES_ORT_KERNEL=0`` turns it off on
+            purpose); ``fused=False`` is stock onnxruntime.
             A model whose DepthAttention sources are not all float32 (or of a type shape
             inference cannot tell) runs the function body, with a warning: onnxruntime would
             reject such a node once the float32 kernel claims the op.
@@ -264,6 +266,15 @@ def ort_session(model, *, fused: bool = True, unstack: bool = True, sess_options
     if fused:
         from . import ort_kernel
 
+        reason = ort_kernel.unavailable_reason()
+        if reason is not None:
+            if not ort_kernel.disabled():
+                import warnings
+
+                warnings.warn(f"ort_session: the fused attnres::DepthAttention kernel is unavailable ({reason}); "
+                              "running the model's function body", RuntimeWarning, stacklevel=2)
+            fused = False
+    if fused:
         library = ort_kernel.library_path()
         if isinstance(model, bytes):
             model = onnx.load_from_string(model)

@@ -1,97 +1,71 @@
 """The fused onnxruntime kernel for `attnres::DepthAttention` (SPEC section 6).
 
-`ort_kernel.c` beside this file is an onnxruntime custom-op library (C API, CPU, float32)
-that claims the node by domain and name, so that onnxruntime runs one fused kernel per site
-instead of the model-local function body. It is compiled on first use with the system C
-compiler (``-O3 -march=native``, as the PyTorch CPU kernels in ``cpu_kernels.py``) into
-``<cache>/ort/<hash>.so`` and registered per session with
-``SessionOptions.register_custom_ops_library``.
+``csrc/ort_kernel.c`` is an onnxruntime custom-op library (C API, CPU, float32) that claims
+the node by domain and name, so that onnxruntime runs one fused kernel per site instead of
+the model-local function body. The package's build (``setup.py``) compiles it once, at
+install, into ``attnres_compile/_ort_kernel*.so`` (no ``-march=native``: it runs on any CPU
+of its architecture), against the onnxruntime C API headers vendored in
+``third_party/onnxruntime`` (onnxruntime 1.29.0, ``ORT_API_VERSION`` 29, MIT; used by the
+build only). The C API is versioned, so the library loads in any onnxruntime >= 1.29. It is
+registered per session with ``SessionOptions.register_custom_ops_library``.
 
-The onnxruntime wheel ships no C headers. ``ort_include/`` holds the three C API headers
-(``onnxruntime_c_api.h``, ``onnxruntime_ep_c_api.h``, ``onnxruntime_error_code.h``) of
-onnxruntime 1.29.0 (``ORT_API_VERSION`` 29), unchanged, with onnxruntime's MIT license; the C
-API is versioned, so a library built against them loads in any onnxruntime >= 1.29. See
-docs/onnx.md for where they come from.
-
-Everything is optional: without a C compiler (or with ``ATTNRES_ORT_KERNEL=0``)
-:func:`available` is false and sessions run the function body.
+Everything is optional: when the library was not built (no compiler at install), with
+onnxruntime < 1.29, or with ``ATTNRES_ORT_KERNEL=0``, :func:`available` is false and
+``ort_session()`` runs the function body (with a warning unless disabled on purpose).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
+import importlib.util
 import os
-import subprocess
 import threading
-from pathlib import Path
 
-from .cpu_kernels import _compiler, _machine_tag
-from .triton_codegen import cache_dir
+__all__ = ["available", "unavailable_reason", "library_path", "calls", "HEADER_API_VERSION"]
 
-__all__ = ["available", "library_path", "calls", "HEADER_API_VERSION", "SOURCE", "INCLUDE_DIR"]
-
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("ort_kernel.c")
-INCLUDE_DIR = Path(__file__).with_name("ort_include")
-HEADER_API_VERSION = 29  # ORT_API_VERSION of the headers in ort_include/
-_CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+HEADER_API_VERSION = 29  # ORT_API_VERSION of the headers the library is built against
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
-def available() -> bool:
-    """True when the fused kernel can be built: a C compiler, the headers, and not disabled."""
-    if os.environ.get("ATTNRES_ORT_KERNEL", "1") in ("0", "false", "False", ""):
-        return False
-    if not (INCLUDE_DIR / "onnxruntime_c_api.h").exists() or not SOURCE.exists():
-        return False
+def disabled() -> bool:
+    return os.environ.get("ATTNRES_ORT_KERNEL", "1") in ("0", "false", "False", "")
+
+
+def _built_path() -> str | None:
+    spec = importlib.util.find_spec("attnres_compile._ort_kernel")  # locates the file, loads nothing
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    return origin if origin and os.path.exists(origin) else None
+
+
+def unavailable_reason() -> str | None:
+    """Why the fused kernel cannot run (None when it can)."""
+    if disabled():
+        return "disabled by ATTNRES_ORT_KERNEL=0"
     try:
         import onnxruntime
         major, minor = (int(x) for x in onnxruntime.__version__.split(".")[:2])
-        if (major, minor) < (1, HEADER_API_VERSION):
-            return False
-    except Exception:  # noqa: BLE001 - no or odd onnxruntime: no fused path
-        return False
-    return _compiler() is not None
+    except Exception as exc:  # noqa: BLE001 - no or odd onnxruntime: no fused path
+        return f"onnxruntime is not importable ({exc})"
+    if (major, minor) < (1, HEADER_API_VERSION):
+        return f"onnxruntime {onnxruntime.__version__} is older than 1.{HEADER_API_VERSION}"
+    if _built_path() is None:
+        return "attnres_compile._ort_kernel was not built when the package was installed (no C compiler?)"
+    return None
+
+
+def available() -> bool:
+    """True when the fused kernel can be registered: built at install, onnxruntime >= 1.29, not disabled."""
+    return unavailable_reason() is None
 
 
 def library_path() -> str:
-    """Path of the compiled custom-op library (compiled on first call, then cached on disk)."""
-    path = _STATE.get("path")
-    if path is not None:
-        return path  # type: ignore[return-value]
-    with _LOCK:
-        if "path" in _STATE:
-            return _STATE["path"]  # type: ignore[return-value]
-        if "error" in _STATE:
-            raise RuntimeError(_STATE["error"])
-        if not available():
-            _STATE["error"] = ("the fused attnres::DepthAttention kernel is unavailable "
-                               "(no C compiler, onnxruntime < 1.29, or ATTNRES_ORT_KERNEL=0)")
-            raise RuntimeError(_STATE["error"])
-        cc = _compiler()
-        text = SOURCE.read_text()
-        headers = "".join(p.read_text() for p in sorted(INCLUDE_DIR.glob("*.h")))
-        key = hashlib.sha256("\0".join([text, headers, cc, *_CFLAGS, _machine_tag()]).encode()).hexdigest()[:20]
-        out_dir = cache_dir() / "ort"
-        so_path = out_dir / f"attnres_ort_{key}.so"
-        if not so_path.exists():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out_dir / f".{so_path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-            try:
-                subprocess.run([cc, *_CFLAGS, f"-I{INCLUDE_DIR}", str(SOURCE), "-o", str(tmp), "-lm"],
-                               check=True, capture_output=True, text=True, timeout=120)
-                os.replace(tmp, so_path)
-            except (OSError, subprocess.SubprocessError) as exc:
-                detail = getattr(exc, "stderr", "") or str(exc)
-                _STATE["error"] = f"compiling the fused attnres::DepthAttention kernel failed: {detail}"
-                raise RuntimeError(_STATE["error"]) from exc
-        _STATE["path"] = str(so_path)
-        return str(so_path)
+    """Path of the custom-op library built at install; RuntimeError naming the reason otherwise."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the fused attnres::DepthAttention kernel is unavailable: {reason}")
+    return _built_path()  # type: ignore[return-value]
 
 
 def calls() -> int:

@@ -33,9 +33,14 @@ Where the work runs (``_dispatch.py``, docs/kernels.md):
 
 * CUDA tensors: generated Triton kernels (``lowering/triton_codegen.py``), launched through
   ``torch.library.wrap_triton`` from ``torch.library.triton_op`` bodies, so Inductor sees them.
-* CPU tensors: generated C compiled once per (kind, M, dtype) (``lowering/cpu_kernels.py``),
-  falling back to the plain implementation below when no C compiler is available; the plain
-  path can be forced with :func:`plain_cpu_path`.
+* CPU tensors: the native kernels built at install (``attnres_compile._C``,
+  ``lowering/cpu_kernels.py``), falling back to the plain implementation below when the
+  package was installed without them (one warning); the plain path can be forced with
+  :func:`plain_cpu_path`.
+* Eager CPU calls outside any capture (no Dynamo, export, dispatch mode, functorch transform
+  or tensor subclass) skip the Python op altogether: :func:`depth_attention` and the converted
+  models' sites call ``attnres_native::depth_attention``, whose forward and analytic backward are
+  C++ (one dispatcher call per site). Every capture still records ``attnres::depth_attention``.
 * Everything else, and fake tensors: the plain PyTorch implementation
   ``_depth_attention_forward_impl`` / ``_depth_attention_backward_impl``, which is also the
   readable statement of the math the kernels are tested against.
@@ -263,8 +268,35 @@ def _depth_attention_backward_cpu(
     return _backward_dispatch(grad_out, sources, query, norm_weight, eps, scale, c_kernels=True)
 
 
-#: Whether CPU tensors use the compiled C kernels (``lowering/cpu_kernels.py``) when available.
+#: Whether CPU tensors use the native kernels (``lowering/cpu_kernels.py``) when available.
 _FAST_CPU = [True]
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def native_eager(first: object) -> bool:
+    """Whether a site whose first source is ``first`` can run the native eager op: a plain CPU
+    tensor, the native kernels built, and nothing recording or transforming the call (a
+    capture must see ``attnres::depth_attention``; fake and subclass tensors need the Python op)."""
+    if not (_FAST_CPU[0] and type(first) is Tensor and first.device.type == "cpu" and first.dtype in _NATIVE_DTYPES):
+        return False
+    if _dispatch.triton_on_cpu_enabled():  # tests route CPU tensors to the Triton kernels
+        return False
+    if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces nothing after
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
+        return False
+    from ..lowering import cpu_kernels
+
+    return cpu_kernels.available()
+
+
+def depth_attention_call(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float,
+                         scale: float) -> Tensor:
+    """The site as converted models run it (arguments already checked by construction): the
+    native eager op when :func:`native_eager` allows, else the ``attnres::depth_attention`` op."""
+    if native_eager(sources[0]):
+        return torch.ops.attnres_native.depth_attention.default(sources, query, norm_weight, eps, scale)
+    return torch.ops.attnres.depth_attention.default(sources, query, norm_weight, eps, scale)
 
 
 @contextlib.contextmanager
@@ -346,5 +378,12 @@ def depth_attention(
     Raises:
         TypeError / ValueError naming the argument on bad input.
     """
+    if isinstance(sources, (list, tuple)) and sources and native_eager(sources[0]) and type(eps) is float \
+            and type(scale) is float:
+        try:
+            return torch.ops.attnres_native.depth_attention.default(list(sources), query, norm_weight, eps, scale)
+        except (RuntimeError, TypeError, ValueError):
+            _check_inputs(sources, query, norm_weight, eps, scale)  # the same error, worded as everywhere else
+            raise
     _check_inputs(sources, query, norm_weight, eps, scale)
     return torch.ops.attnres.depth_attention(list(sources), query, norm_weight, float(eps), float(scale))

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import PlanMismatchError
+from ..ops.depth_attention import depth_attention_call
 from .plan import AddSite, ChainPlan, ConversionPlan
 
 _TB = torch._C.TensorBase
@@ -624,7 +625,7 @@ def _site_output(site, sources: list[Tensor], axis: int) -> Tensor:
     sources = _common_dtype(sources)
     if axis != -1:
         sources = [s.movedim(axis, -1) for s in sources]
-    h = torch.ops.attnres.depth_attention.default(sources, site.query, site.norm_weight, site.eps, site.scale)
+    h = depth_attention_call(sources, site.query, site.norm_weight, site.eps, site.scale)
     if axis != -1:
         h = h.movedim(-1, axis)
     return h

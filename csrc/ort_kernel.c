@@ -1,8 +1,9 @@
 /* Fused onnxruntime CPU kernel for the ONNX node attnres::DepthAttention (SPEC section 6).
  *
- * Built at run time by attnres_compile/lowering/ort_kernel.py against the onnxruntime C API
- * headers in ort_include/ (ORT_API_VERSION 29; a newer runtime accepts a library built against
- * older headers) and registered with SessionOptions.register_custom_ops_library, after which
+ * Built once at install by setup.py (attnres_compile._ort_kernel) against the onnxruntime C API
+ * headers vendored in third_party/onnxruntime (ORT_API_VERSION 29; a newer runtime accepts a
+ * library built against older headers); lowering/ort_kernel.py registers it with
+ * SessionOptions.register_custom_ops_library, after which
  * onnxruntime runs this kernel for every DepthAttention node instead of the model-local
  * function body.
  *
