@@ -104,7 +104,7 @@ def run(args) -> dict:
         if compiled:
             torch._dynamo.reset()
             b = torch.compile(base, backend="inductor")
-            a = torch.compile(conv, backend="attnres")
+            a = torch.compile(conv, backend="attnres", options={"decompose": args.decompose})
         b.train(), a.train()
         ob = torch.optim.AdamW(base.parameters(), lr=1e-4)
         oa = torch.optim.AdamW(conv.parameters(), lr=1e-4)
@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--no-decompose", dest="decompose", action="store_false",
+                    help="compiled CPU: keep each site one opaque op (its native kernel) instead of Inductor code")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     out = Path(args.out or RESULTS / f"models_{args.device}{'' if args.model == 'gpt' else '_' + args.model}.json")

@@ -475,3 +475,92 @@ def test_cpu_fast_path_is_not_traced_by_compile():
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(*sources, query, gain)
     ref = depth_attention_reference(sources, query, gain, eps=eps) * 2
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# (f) fused epilogues: site + norm, partial-sum add + site (interpreter)
+# --------------------------------------------------------------------------------------------
+
+
+def _norm64(h, kind, w, b, norm_eps):
+    h = h.double()
+    if kind == "rmsnorm":
+        return h * torch.rsqrt(h.square().mean(-1, keepdim=True) + norm_eps) * w.double()
+    return torch.nn.functional.layer_norm(h, h.shape[-1:], w.double(), b.double(), norm_eps)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m,d,t", [(1, 5, 7), (3, 100, 13), (9, 48, 37)], ids=str)
+def test_site_then_norm_matches_float64(m, d, t, dtype, kind):
+    sources, query, gain, _, eps = make_inputs(t, d, m, dtype, seed=7 * m + d)
+    gen = torch.Generator().manual_seed(d)
+    w = (1 + 0.2 * torch.randn(d, generator=gen)).to(dtype)
+    b = (0.1 * torch.randn(d, generator=gen)).to(dtype) if kind == "layernorm" else None
+    y = tk.forward_norm(sources, query, gain, eps, float(m), w, b, 1e-5, kind=kind, block_t=4)
+    h64 = depth_attention_reference([s.double() for s in sources], query.double(), gain.double(), eps=eps,
+                                    scale=float(m))
+    assert y.dtype == dtype
+    assert_close(y, _norm64(h64, kind, w, b, 1e-5), TOL[dtype], f"{kind}(site)")
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("m,d,t,bt,p", [(1, 5, 7, 4, 2), (9, 48, 37, 8, 4)])
+def test_site_then_norm_saves_the_norms_round_trip(m, d, t, bt, p, kind):
+    """Fused: exactly the plain forward's traffic plus the norm's parameters once per program,
+    i.e. the norm's read of h and its write of y (2*D per token) are gone, and h is never stored."""
+    sources, query, gain, _, eps = make_inputs(t, d, m, torch.float32, seed=m)
+    w, b = torch.ones(d), (torch.zeros(d) if kind == "layernorm" else None)
+    named = _named(sources, query=query, gain=gain, w=w, **({"b": b} if b is not None else {}))
+    with count_bytes(named) as plain:
+        tk.forward(sources, query, gain, eps, 1.0, block_t=bt, num_programs=p)
+    with count_bytes(named) as fused:
+        tk.forward_norm(sources, query, gain, eps, 1.0, w, b, 1e-5, kind=kind, block_t=bt, num_programs=p)
+    programs, e = min(p, -(-t // bt)), 4
+    n_params = 1 if kind == "rmsnorm" else 2
+    assert fused.loaded("w") == programs * d * e
+    assert fused.total_loaded == plain.total_loaded + n_params * programs * d * e
+    assert fused.total_stored == plain.total_stored == t * d * e        # y instead of h, nothing else
+    unfused = plain.total_loaded + plain.total_stored + 2 * t * d * e   # + the norm reading h, writing y
+    assert unfused - (fused.total_loaded + fused.total_stored) == 2 * t * d * e - n_params * programs * d * e
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,d,t", [(1, 5, 7), (2, 100, 13), (8, 48, 37)], ids=str)
+def test_partial_sum_add_fused_into_the_site_matches_float64(n, d, t, dtype):
+    gen = torch.Generator().manual_seed(n + d)
+    blocks = [torch.randn(t, d, generator=gen).to(dtype) for _ in range(n)]
+    prev = torch.randn(t, d, generator=gen).to(dtype)
+    add = torch.randn(2 * t, d, generator=gen).to(dtype)[::2]       # row-strided, as a sublayer view can be
+    q, g = (0.5 * torch.randn(d, generator=gen)).to(dtype), torch.ones(d, dtype=dtype)
+    h, new_partial = tk.forward_partial(blocks, prev, add, q, g, 1e-6, 2.0, block_t=4)
+    assert torch.equal(new_partial, prev + add)                      # the add, rounded as torch rounds it
+    ref = depth_attention_reference([b.double() for b in blocks] + [(prev + add).double()], q.double(), g.double(),
+                                    eps=1e-6, scale=2.0)
+    assert h.dtype == dtype
+    assert_close(h, ref, TOL[dtype], "site over [blocks, prev + add]")
+
+
+@needs_triton
+@pytest.mark.parametrize("n,d,t,bt,p", [(1, 5, 7, 4, 2), (8, 48, 37, 8, 4)])
+def test_partial_sum_add_fused_saves_the_partials_reread(n, d, t, bt, p):
+    """Fused: reads blocks, prev, add once and writes new_partial and h; apart, the add moves
+    3*D per token and the site reads new_partial back: D per token more."""
+    gen = torch.Generator().manual_seed(n)
+    blocks = [torch.randn(t, d, generator=gen) for _ in range(n)]
+    prev, add = torch.randn(t, d, generator=gen), torch.randn(t, d, generator=gen)
+    q, g = torch.randn(d, generator=gen), torch.ones(d)
+    with count_bytes(_named(blocks, prev=prev, add=add, query=q, gain=g)) as fused:
+        tk.forward_partial(blocks, prev, add, q, g, 1e-6, 1.0, block_t=bt, num_programs=p)
+    new_partial = prev + add
+    with count_bytes(_named(blocks, new_partial=new_partial, query=q, gain=g)) as site:
+        tk.forward([*blocks, new_partial], q, g, 1e-6, 1.0, block_t=bt, num_programs=p)
+    e = 4
+    for name in ("prev", "add", *[f"src{j}" for j in range(n)]):
+        assert fused.loaded(name) == t * d * e, name
+    assert fused.total_stored == 2 * t * d * e                          # new_partial and h
+    unfused = site.total_loaded + site.total_stored + 3 * t * d * e      # + the add: read 2*D, write D
+    assert unfused - (fused.total_loaded + fused.total_stored) == t * d * e

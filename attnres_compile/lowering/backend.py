@@ -19,7 +19,8 @@ torch._dynamo.list_backends()` after `pip install`.
   `convert()` the model first; the backend warns when it sees gradients flowing.
 
 Options: `weights`, `preserve` ("exact" by default), `num_blocks`, `block_size`, `eps`,
-`two_phase` (force the two-phase schedule under no_grad on CPU too; it is always used on CUDA).
+`two_phase` (force the two-phase schedule under no_grad on CPU too; it is always used on CUDA),
+`decompose` (CPU: let Inductor generate the sites; default True).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 log = logging.getLogger("attnres_compile")
 
-_OPTION_KEYS = {"weights", "preserve", "num_blocks", "block_size", "eps", "two_phase"}
+_OPTION_KEYS = {"weights", "preserve", "num_blocks", "block_size", "eps", "two_phase", "decompose"}
 
 
 def _has_depth_attention(gm: torch.fx.GraphModule) -> bool:
@@ -166,6 +167,12 @@ def attnres_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
             from ..passes.two_phase import to_two_phase
 
             to_two_phase(gm)
+        if not on_cuda and options.get("decompose", True):
+            # CPU: Inductor generates the sites and fuses them with their producers and
+            # consumers (lowering/decompose.py); on CUDA the ops' Triton kernels are the fused path
+            from .decompose import decompose_sites
+
+            decompose_sites(gm)
         return _inductor(gm, example_inputs)
 
     if _in_converted_model():

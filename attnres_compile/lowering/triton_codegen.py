@@ -53,7 +53,7 @@ __all__ = [
     "resident_fits",
 ]
 
-CODEGEN_VERSION = "4"
+CODEGEN_VERSION = "5"
 
 #: Storage dtypes the generated kernels accept (math is always float32).
 SUPPORTED_DTYPES: dict[torch.dtype, str] = {
@@ -203,22 +203,52 @@ def _load_u(src: _Src, q: str, g: str, name: str = "u", off: str = "") -> None:
     )
 
 
+#: Forward variants: "" (h), fused epilogues "rmsnorm" / "layernorm" (the site, then the norm
+#: that reads it: only the normalised row is written), and "partial" (the block partial-sum add
+#: fused into the site: the last source is prev + add, written once as the new partial).
+FWD_VARIANTS = ("", "rmsnorm", "layernorm", "partial")
+
+
 def _gen_fwd(spec: KernelSpec) -> str:
     m, d, bt = spec.m, spec.d, spec.block_t
     bd = next_power_of_2(d)
+    var = spec.variant
+    fused_add = var == "partial"
     src = _header(spec)
-    srcs = ", ".join(f"src{j}" for j in range(m))
-    strides = ", ".join(f"rs{j}" for j in range(m))
+    blocks = [f"src{j}" for j in range(m - 1 if fused_add else m)]
+    strides = [f"rs{j}" for j in range(len(blocks))]
+    args = [*blocks, *(["prev_ptr", "add_ptr", "newp_ptr"] if fused_add else []), *strides,
+            *(["rsp", "rsa"] if fused_add else []), "q_ptr", "g_ptr"]
+    if var in ("rmsnorm", "layernorm"):
+        args += ["nw_ptr"] + (["nb_ptr"] if var == "layernorm" else [])
+    args += ["out_ptr", "T", "eps", "scale"] + (["norm_eps"] if var in ("rmsnorm", "layernorm") else [])
     src("@triton.jit")
-    src(f"def {spec.name}({srcs}, {strides}, q_ptr, g_ptr, out_ptr, T, eps, scale):")
+    src(f"def {spec.name}({', '.join(args)}):")
     src.indent()
-    src(f'"""h = scale * softmax_j(u . v_j / rms(v_j)) @ v over {m} sources; D = {d} (padded to {bd})."""')
+    what = {"": "writes h", "rmsnorm": "writes RMSNorm(h) * w, not h", "layernorm": "writes LayerNorm(h), not h",
+            "partial": f"source {m - 1} = prev + add, written once to newp"}[var]
+    src(f'"""h = scale * softmax_j(u . v_j / rms(v_j)) @ v over {m} sources; D = {d} (padded to {bd}); {what}."""')
     _program_prologue(src, bd, d)
     _load_u(src, "q_ptr", "g_ptr")
+    if var in ("rmsnorm", "layernorm"):
+        src("nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)")
+        if var == "layernorm":
+            src("nb = tl.load(nb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)")
     _tile_loop_open(src, bt, bd, d)
     for j in range(m):
-        src(f"# source {j}: read once, folded into the running softmax")
-        src(f"v = tl.load(src{j} + r64[:, None] * rs{j} + cols[None, :], mask=mask, other=0.0).to(tl.float32)")
+        if fused_add and j == m - 1:
+            src("# the running partial sum of the block: prev + add, stored once, then used as the last source")
+            src("v = (tl.load(prev_ptr + r64[:, None] * rsp + cols[None, :], mask=mask, other=0.0).to(tl.float32)"
+                " + tl.load(add_ptr + r64[:, None] * rsa + cols[None, :], mask=mask, other=0.0).to(tl.float32))")
+            if spec.dtype != "fp32":   # the partial is a stored tensor: round it as the unfused add would
+                src(f"v = v{_cast(spec)}")
+                src(f"tl.store(newp_ptr + r64[:, None] * {d} + cols[None, :], v, mask=mask)")
+                src("v = v.to(tl.float32)")
+            else:
+                src(f"tl.store(newp_ptr + r64[:, None] * {d} + cols[None, :], v, mask=mask)")
+        else:
+            src(f"# source {j}: read once, folded into the running softmax")
+            src(f"v = tl.load(src{j} + r64[:, None] * rs{j} + cols[None, :], mask=mask, other=0.0).to(tl.float32)")
         src(f"inv_r = tl.rsqrt(tl.sum(v * v, axis=1) * {1.0 / d!r} + eps)")
         src("s = tl.sum(v * u[None, :], axis=1) * inv_r")
         if j == 0:
@@ -233,7 +263,19 @@ def _gen_fwd(spec: KernelSpec) -> str:
             src("acc = acc * decay[:, None] + v * p[:, None]")
             src("run_max = new_max")
     src("h = acc * (scale / run_sum)[:, None]")
-    src(f"tl.store(out_ptr + r64[:, None] * {d} + cols[None, :], h{_cast(spec)}, mask=mask)")
+    if var in ("rmsnorm", "layernorm"):
+        # the norm reads h in storage precision in the unfused graph: round it the same way
+        if spec.dtype != "fp32":
+            src(f"h = h{_cast(spec)}.to(tl.float32)")
+        if var == "rmsnorm":
+            src(f"y = h * tl.rsqrt(tl.sum(h * h, axis=1) * {1.0 / d!r} + norm_eps)[:, None] * nw[None, :]")
+        else:
+            src(f"mean = tl.sum(h, axis=1) * {1.0 / d!r}")
+            src("hc = tl.where(cmask[None, :], h - mean[:, None], 0.0)")
+            src(f"y = hc * tl.rsqrt(tl.sum(hc * hc, axis=1) * {1.0 / d!r} + norm_eps)[:, None] * nw[None, :] + nb[None, :]")
+        src(f"tl.store(out_ptr + r64[:, None] * {d} + cols[None, :], y{_cast(spec)}, mask=mask)")
+    else:
+        src(f"tl.store(out_ptr + r64[:, None] * {d} + cols[None, :], h{_cast(spec)}, mask=mask)")
     return src.text()
 
 
@@ -469,6 +511,10 @@ _GENERATORS = {"fwd": _gen_fwd, "bwd": _gen_bwd, "reduce": _gen_reduce, "phase1"
 
 def generate_source(spec: KernelSpec) -> str:
     """The Triton source text of one specialisation (pure string work; triton not needed)."""
+    if spec.kind == "fwd" and spec.variant not in FWD_VARIANTS:
+        raise ValueError(f"fwd kernels take variant {FWD_VARIANTS}, got {spec.variant!r}")
+    if spec.kind == "fwd" and spec.variant == "partial" and spec.m < 2:
+        raise ValueError("the fused partial-sum forward needs m >= 2 (at least one completed block)")
     if spec.kind == "bwd" and spec.variant not in ("resident", "twopass"):
         raise ValueError("bwd kernels need variant 'resident' or 'twopass'")
     if spec.kind == "phase1" and spec.variant not in ("resident", "twopass"):

@@ -36,6 +36,8 @@ __all__ = [
     "interpreter_enabled",
     "supports",
     "forward",
+    "forward_norm",
+    "forward_partial",
     "backward",
     "phase1",
     "phase2",
@@ -123,6 +125,81 @@ def forward(
             num_warps=choose_num_warps(bt, d),
         )
     return out.view(first.shape)
+
+
+def forward_norm(
+    sources: Sequence[Tensor],
+    query: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    scale: float,
+    weight: Tensor,
+    bias: Tensor | None,
+    norm_eps: float,
+    *,
+    kind: str,
+    block_t: int | None = None,
+    num_programs: int | None = None,
+) -> Tensor:
+    """``norm(h)`` [..., D] with the site ``h`` never written: the site fused with the RMSNorm
+    (``kind="rmsnorm"``: ``h * rsqrt(mean(h^2) + norm_eps) * weight``) or LayerNorm
+    (``kind="layernorm"``: ``(h - mean) * rsqrt(var + norm_eps) * weight + bias``) that reads it.
+    Moves ``M*D`` read and ``D`` written per token, against ``M*D + D`` read and ``2*D`` written
+    for the site and the norm apart."""
+    if kind not in ("rmsnorm", "layernorm"):
+        raise ValueError(f"kind must be 'rmsnorm' or 'layernorm', got {kind!r}")
+    if (bias is None) != (kind == "rmsnorm"):
+        raise ValueError("a LayerNorm epilogue takes a bias; an RMSNorm epilogue none")
+    first = sources[0]
+    d = first.shape[-1]
+    query, norm_weight, weight = _vec(query), _vec(norm_weight), _vec(weight)
+    rows = [_rows(s, d) for s in sources]
+    t = rows[0].shape[0]
+    out = torch.empty((t, d), dtype=first.dtype, device=first.device)
+    if t > 0:
+        bt = block_t or choose_block_t(d, "fwd")
+        spec = KernelSpec("fwd", d=d, dtype=SUPPORTED_DTYPES[first.dtype], m=len(sources), block_t=bt, variant=kind)
+        params = [weight] + ([_vec(bias)] if bias is not None else [])
+        _wrap(load_kernel(spec))[(_grid(_cdiv(t, bt), first.device, num_programs),)](
+            *rows, *[r.stride(0) for r in rows], query, norm_weight, *params, out, t, float(eps), float(scale),
+            float(norm_eps), num_warps=choose_num_warps(bt, d),
+        )
+    return out.view(first.shape)
+
+
+def forward_partial(
+    blocks: Sequence[Tensor],
+    prev: Tensor,
+    add: Tensor,
+    query: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    scale: float,
+    *,
+    block_t: int | None = None,
+    num_programs: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(h, new_partial)``: the block partial-sum add ``new_partial = prev + add`` fused into
+    the site over ``[*blocks, new_partial]`` that follows it. Per token: reads the blocks, ``prev``
+    and ``add`` once and writes ``new_partial`` and ``h``; apart, the site would read
+    ``new_partial`` back (``D`` more read per token)."""
+    first = prev
+    d = first.shape[-1]
+    query, norm_weight = _vec(query), _vec(norm_weight)
+    rows = [_rows(b, d) for b in blocks]
+    p_rows, a_rows = _rows(prev, d), _rows(add, d)
+    t = p_rows.shape[0]
+    new_partial = torch.empty((t, d), dtype=first.dtype, device=first.device)
+    out = torch.empty((t, d), dtype=first.dtype, device=first.device)
+    if t > 0:
+        bt = block_t or choose_block_t(d, "fwd")
+        spec = KernelSpec("fwd", d=d, dtype=SUPPORTED_DTYPES[first.dtype], m=len(blocks) + 1, block_t=bt,
+                          variant="partial")
+        _wrap(load_kernel(spec))[(_grid(_cdiv(t, bt), first.device, num_programs),)](
+            *rows, p_rows, a_rows, new_partial, *[r.stride(0) for r in rows], p_rows.stride(0), a_rows.stride(0),
+            query, norm_weight, out, t, float(eps), float(scale), num_warps=choose_num_warps(bt, d),
+        )
+    return out.view(first.shape), new_partial.view(first.shape)
 
 
 def _resident_block_t(rows: int, d: int, dtype: str, bt: int) -> int:
