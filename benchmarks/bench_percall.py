@@ -8,9 +8,10 @@ kernel's share is the difference to the D 16 row). Rows:
 
 * ``torch.add`` of two sources and ``torch.stack`` of the M sources: what a plain op costs here;
 * ``attnres_native.isa()``: a dispatcher call with no tensors;
-* the native kernel op (``attnres_native.forward``), the eager fast path the converted models'
-  sites take (``attnres_native.depth_attention``: autograd kernel, then the kernel), and the public
-  ``depth_attention()`` (Python checks skipped, the C++ op checks);
+* the native kernel op (``attnres_native.forward``), the registered autograd op
+  (``attnres_native.depth_attention``), the pybind11 entry the converted models' eager sites
+  call (``attnres_compile._C.depth_attention``: the same autograd kernel without the boxed
+  dispatch), and the public ``depth_attention()`` (Python checks skipped, the C++ ones run);
 * the Python custom op ``torch.ops.attnres.depth_attention`` (what every capture records), on the
   native kernels and on the plain PyTorch path (``plain_cpu_path()``), for the before/after.
 
@@ -63,8 +64,11 @@ def rows_for(d: int, m: int, calls: int) -> dict:
             rows["attnres_native.isa() (no tensors)"] = best_us(lambda: native.isa.default(), calls)
             rows["attnres_native.forward (kernel op)"] = best_us(
                 lambda: native.forward.default(src, q, g, 1e-6, 1.0), calls)
-            rows["attnres_native.depth_attention (eager site path)"] = best_us(
+            rows["attnres_native.depth_attention (registered op)"] = best_us(
                 lambda: native.depth_attention.default(src, q, g, 1e-6, 1.0), calls)
+            from attnres_compile import _C
+            rows["attnres_compile._C.depth_attention (the eager site's call)"] = best_us(
+                lambda: _C.depth_attention(src, q, g, 1e-6, 1.0), calls)
             rows["depth_attention() public function"] = best_us(lambda: depth_attention(src, q, g, eps=1e-6), calls)
         rows["torch.ops.attnres.depth_attention (Python op, native kernel)"] = best_us(
             lambda: torch.ops.attnres.depth_attention(src, q, g, 1e-6, 1.0), calls // 4)

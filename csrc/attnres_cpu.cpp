@@ -17,9 +17,10 @@
 // widest the CPU supports is chosen at load time; elsewhere (aarch64, ...) once, for the
 // compiler's default target. No -march=native: the built library
 // runs on any CPU of its architecture.
-#include <Python.h>
+#include <torch/extension.h>  // Python.h, pybind11 and its tensor casters
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -471,7 +472,23 @@ TORCH_LIBRARY_IMPL(attnres_native, CPU, m) {
 
 TORCH_LIBRARY_IMPL(attnres_native, Autograd, m) { m.impl("depth_attention", &depth_attention_autograd); }
 
-// `import attnres_compile._C` (after `import torch`) loads the library and runs the registrations.
-static struct PyModuleDef attnres_module = {PyModuleDef_HEAD_INIT, "_C", "attnres_compile native CPU kernels", -1,
-                                            nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&attnres_module); }
+// The eager fast path's entry point: a pybind11 function, not a torch.ops call, so that a site
+// costs one argument conversion and no boxed dispatch (ops/depth_attention.py calls it only
+// when nothing records or transforms the call: no dispatch mode, functorch transform, Dynamo
+// or tracing, plain CPU tensors). It runs the same autograd kernel as the registered
+// attnres_native::depth_attention op and shows up under that name in the profiler.
+namespace {
+Tensor eager_depth_attention(const std::vector<Tensor>& sources, const Tensor& query, const Tensor& norm_weight,
+                             double eps, double scale) {
+  RECORD_FUNCTION("attnres_native::depth_attention", std::vector<c10::IValue>());
+  return depth_attention_autograd(sources, query, norm_weight, eps, scale);
+}
+}  // namespace
+
+// `import attnres_compile._C` (after `import torch`) loads the library, runs the op
+// registrations above and exposes the eager entry point.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "attnres_compile native CPU kernels (the attnres_native ops)";
+  m.def("depth_attention", &eager_depth_attention, "eager site: sources, query, norm_weight, eps, scale -> h",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}

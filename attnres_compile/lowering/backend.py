@@ -20,7 +20,8 @@ torch._dynamo.list_backends()` after `pip install`.
 
 Options: `weights`, `preserve` ("exact" by default), `num_blocks`, `block_size`, `eps`,
 `two_phase` (force the two-phase schedule under no_grad on CPU too; it is always used on CUDA),
-`decompose` (CPU: let Inductor generate the sites; default True).
+`decompose` (CPU: let Inductor generate the sites; default True), `fuse` (CUDA: fuse each site
+with the partial-sum add before it or the norm after it, `passes/fuse_epilogues.py`; default True).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 log = logging.getLogger("attnres_compile")
 
-_OPTION_KEYS = {"weights", "preserve", "num_blocks", "block_size", "eps", "two_phase", "decompose"}
+_OPTION_KEYS = {"weights", "preserve", "num_blocks", "block_size", "eps", "two_phase", "decompose", "fuse"}
 
 
 def _has_depth_attention(gm: torch.fx.GraphModule) -> bool:
@@ -167,6 +168,12 @@ def attnres_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
             from ..passes.two_phase import to_two_phase
 
             to_two_phase(gm)
+        if on_cuda and options.get("fuse", True):
+            # CUDA: the site fused with the partial-sum add before it or the norm after it, one
+            # generated Triton kernel each (passes/fuse_epilogues.py)
+            from ..passes.fuse_epilogues import fuse_epilogues
+
+            fuse_epilogues(gm)
         if not on_cuda and options.get("decompose", True):
             # CPU: Inductor generates the sites and fuses them with their producers and
             # consumers (lowering/decompose.py); on CUDA the ops' Triton kernels are the fused path

@@ -20,7 +20,7 @@ AVX-512 and the widest the CPU supports is chosen when the library loads (:func:
 Without the built library (an isolated build without torch, no compiler at install, another
 torch than the one it was built against) :func:`available` is false, the ops run their plain
 PyTorch implementation and one warning says why (:func:`warn_once`). ``ATTNRES_CPU_KERNELS=0``
-turns the native path off on purpose (no warning).
+(read when this module is imported) turns the native path off on purpose (no warning).
 """
 
 from __future__ import annotations
@@ -41,8 +41,11 @@ _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
+_DISABLED = os.environ.get("ATTNRES_CPU_KERNELS", "1") in ("0", "false", "False", "")
+
+
 def _disabled() -> bool:
-    return os.environ.get("ATTNRES_CPU_KERNELS", "1") in ("0", "false", "False", "")
+    return _DISABLED
 
 
 def _load() -> bool:
@@ -64,7 +67,10 @@ def _load() -> bool:
 
 def available() -> bool:
     """Whether the native CPU kernels run (built at install, loadable, not disabled)."""
-    return not _disabled() and _load()
+    ok = _STATE.get("ok")   # the per-call check of every eager site: keep it a dict lookup
+    if ok is None:
+        ok = _load()
+    return ok and not _DISABLED
 
 
 def load_error() -> str | None:

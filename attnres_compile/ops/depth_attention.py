@@ -276,18 +276,25 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def native_eager(first: object) -> bool:
     """Whether a site whose first source is ``first`` can run the native eager op: a plain CPU
     tensor, the native kernels built, and nothing recording or transforming the call (a
-    capture must see ``attnres::depth_attention``; fake and subclass tensors need the Python op)."""
-    if not (_FAST_CPU[0] and type(first) is Tensor and first.device.type == "cpu" and first.dtype in _NATIVE_DTYPES):
-        return False
-    if _dispatch.triton_on_cpu_enabled():  # tests route CPU tensors to the Triton kernels
+    capture must see ``attnres::depth_attention``; fake and subclass tensors need the Python op).
+    Runs once per eager site, so every check is a cheap attribute or C call."""
+    if not (type(first) is Tensor and first.is_cpu and first.dtype in _NATIVE_DTYPES and _FAST_CPU[0]):
         return False
     if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces nothing after
         return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
+    if (_len_dispatch_stack() or _functorch_active() or torch.jit.is_tracing()
+            or _dispatch.triton_on_cpu_enabled()):    # (tests route CPU tensors to the Triton kernels)
         return False
-    from ..lowering import cpu_kernels
+    if not _CPU_KERNELS:
+        from ..lowering import cpu_kernels
 
-    return cpu_kernels.available()
+        _CPU_KERNELS.append(cpu_kernels)
+    return _CPU_KERNELS[0].available()
+
+
+_CPU_KERNELS: list = []
+_len_dispatch_stack = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def depth_attention_call(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float,
@@ -295,8 +302,20 @@ def depth_attention_call(sources: list[Tensor], query: Tensor, norm_weight: Tens
     """The site as converted models run it (arguments already checked by construction): the
     native eager op when :func:`native_eager` allows, else the ``attnres::depth_attention`` op."""
     if native_eager(sources[0]):
-        return torch.ops.attnres_native.depth_attention.default(sources, query, norm_weight, eps, scale)
+        return _native_entry()(sources, query, norm_weight, eps, scale)
     return torch.ops.attnres.depth_attention.default(sources, query, norm_weight, eps, scale)
+
+
+_ENTRY: list = []
+
+
+def _native_entry():
+    """``attnres_compile._C.depth_attention``: the eager site without the boxed op dispatch."""
+    if not _ENTRY:
+        from .. import _C
+
+        _ENTRY.append(_C.depth_attention)
+    return _ENTRY[0]
 
 
 @contextlib.contextmanager
@@ -381,7 +400,7 @@ def depth_attention(
     if isinstance(sources, (list, tuple)) and sources and native_eager(sources[0]) and type(eps) is float \
             and type(scale) is float:
         try:
-            return torch.ops.attnres_native.depth_attention.default(list(sources), query, norm_weight, eps, scale)
+            return _native_entry()(list(sources), query, norm_weight, eps, scale)
         except (RuntimeError, TypeError, ValueError):
             _check_inputs(sources, query, norm_weight, eps, scale)  # the same error, worded as everywhere else
             raise
