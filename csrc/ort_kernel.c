@@ -49,6 +49,11 @@ typedef struct {
   float eps, scale;
 } Work;
 
+/* Built without -march=native (the library must run on any x86-64 CPU): GCC clones the hot
+   loop for AVX-512, AVX2 and baseline x86-64 and picks one at load time (ifunc). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 static void run_chunk(void* data, size_t chunk) {
   const Work* w = (const Work*)data;
   const int64_t D = w->d, T = w->t, M = w->m;

@@ -215,3 +215,24 @@ def test_native_and_plain_paths_agree_on_a_converted_model():
     assert rel(fast_out, plain_out) < 1e-5
     for n in fast:
         assert rel(fast[n], plain[n]) < 1e-4, n
+
+
+def test_native_kernels_read_strided_and_expanded_inputs():
+    gen = torch.Generator().manual_seed(2)
+    d = 24
+    base = torch.randn(1, d, generator=gen, requires_grad=True)
+    wide = torch.randn(9, 2 * d, generator=gen, requires_grad=True)
+    sources = [base.expand(9, d), wide[:, ::2], torch.randn(d, 9, generator=gen).t()]   # stride 0, 2, transposed
+    qbig = torch.randn(2 * d, generator=gen, requires_grad=True)
+    q, g = qbig[::2], torch.full((1,), 1.1).expand(d)
+    out = depth_attention(sources, q, g, eps=1e-6, scale=3.0)
+    out.square().sum().backward()
+    got = [base.grad.clone(), wide.grad.clone(), qbig.grad.clone()]
+    for t in (base, wide, qbig):
+        t.grad = None
+    with plain_cpu_path():
+        ref = depth_attention(sources, q, g, eps=1e-6, scale=3.0)
+        ref.square().sum().backward()
+    assert rel(out, ref) < 1e-5
+    for a, b in zip(got, [base.grad, wide.grad, qbig.grad]):
+        assert rel(a, b) < 1e-5

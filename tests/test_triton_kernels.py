@@ -236,9 +236,10 @@ def test_backward_expanded_and_strided_grad_out(dtype):
 
 @needs_triton
 @pytest.mark.parametrize("layout", ["strided", "expanded"])
-def test_strided_and_expanded_query_and_gain(layout):
+def test_strided_and_expanded_query_gain_and_sources(layout):
     """The launchers read query and gain as ``ptr + d``: a strided or expanded [D] parameter
-    must give the same result as its contiguous copy (it gave rel err 1.1 before the fix)."""
+    must give the same result as its contiguous copy (it gave rel err 1.1 before the fix);
+    sources strided or expanded over the tokens are read through their row stride."""
     gen = torch.Generator().manual_seed(11)
     d, m = 40, 3
     sources = [torch.randn(9, d, generator=gen) for _ in range(m)]
@@ -250,6 +251,10 @@ def test_strided_and_expanded_query_and_gain(layout):
         q = torch.full((1,), 0.7).expand(d)
         g = torch.full((1,), 1.3).expand(d)
     assert q.stride(0) != 1 and g.stride(0) != 1
+    if layout == "expanded":   # and one source broadcast over the tokens (row stride 0)
+        sources[1] = torch.randn(1, d, generator=gen).expand(9, d)
+    else:                      # and one source strided in both dims
+        sources[1] = torch.randn(18, 2 * d, generator=gen)[::2, ::2]
     ref = reference64(sources, q, g, grad_out, 1e-6, 2.0)
     assert_close(tk.forward(sources, q, g, 1e-6, 2.0, block_t=4), ref[0], 1e-5, "output")
     got = tk.backward(grad_out, sources, q, g, 1e-6, 2.0, block_t=4)
