@@ -51,7 +51,8 @@ def _llama():
     return factory(), args, kwargs
 
 
-@pytest.mark.parametrize("build", [_examples_gpt, _llama], ids=["examples_gpt", "hf_llama"])
+@pytest.mark.parametrize("build", [_examples_gpt, pytest.param(_llama, marks=pytest.mark.slow)],
+                         ids=["examples_gpt", "hf_llama"])  # HF LLaMA compiled on a GPU: tests/test_cuda.py
 def test_compiled_matches_eager_forward_and_backward(build):
     torch._dynamo.reset()
     model, args, kwargs = build()
@@ -164,7 +165,7 @@ def test_compiled_two_phase_under_no_grad():
     assert rel_err(out, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox_parallel", pytest.param("t5", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["llama", *[pytest.param(n, marks=pytest.mark.slow) for n in ("gpt2", "gpt_neox_parallel", "t5")]])
 def test_dynamo_traces_converted_models_in_one_graph(name):
     """Dynamo traces the converted model's own code with the runtime's mode: every residual add
     is found from Dynamo's frames (parallel residuals: by column span within the line), in one

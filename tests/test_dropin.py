@@ -497,7 +497,8 @@ def test_transformers_trainer_trains_a_converted_model(tmp_path):
 
 # -- 7. saving whole --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", pytest.param("vit", marks=pytest.mark.slow), "examples_gpt"])
+@pytest.mark.parametrize("name", [pytest.param("llama", marks=pytest.mark.slow), pytest.param("vit", marks=pytest.mark.slow),
+                                  "examples_gpt"])
 def test_torch_save_load_in_a_fresh_process(tmp_path, name):
     if name == "examples_gpt":
         from examples.gpt import GPT, GPTConfig

@@ -98,7 +98,8 @@ def _run(decorate, expect_converted: int, expect_refused: int) -> None:
 
 
 def test_convert_invariant():
-    _run(settings(max_examples=50, derandomize=True, database=None, **COMMON), 25, 5)
+    # 25 derandomized examples in the default run (CI time); 200 in the slow run below
+    _run(settings(max_examples=25, derandomize=True, database=None, **COMMON), 12, 2)
 
 
 @pytest.mark.slow

@@ -59,7 +59,9 @@ def _perturb(conv):
             p.add_(0.3 * torch.randn_like(p))
 
 
-SLOW_CASES = {"hf_gpt2", "hf_vit"}   # the same export path as hf_llama (make test-slow runs them)
+# the same export path as examples_gpt; HF LLaMA's export is also run by test_generate's decoder
+# with past and the CLI's check (make test-slow runs these)
+SLOW_CASES = {"hf_gpt2", "hf_vit", "hf_llama"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in CASES])
