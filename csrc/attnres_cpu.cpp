@@ -128,13 +128,6 @@ void check_scalars(double eps, double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
 }
 
-// t as [T, D] rows with unit column stride (a view when possible; row stride may be 0)
-Tensor rows_of(const Tensor& t, int64_t D) {
-  Tensor r = t.reshape({-1, D});
-  if (D > 1 && r.stride(1) != 1) r = r.contiguous();
-  return r;
-}
-
 // Row pointer and row stride of t read as [T, D] rows, without making a view (a dispatcher
 // call each, which at decode size costs more than the kernel): possible when the last dim has
 // unit stride and the leading dims merge. Otherwise `keep` receives a contiguous copy.
@@ -272,7 +265,7 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor> bwd_into(const Tensor& grad_out,
   for (int j = 0; j < M; j++) {
     ptr[j] = rows_ptr(sources[j], D, &rs[j], keep);
     if (grads_or_null != nullptr) {
-      check_out("grads[j]", (*grads_or_null)[j], sources[0]);
+      check_out(("grads[" + std::to_string(j) + "]").c_str(), (*grads_or_null)[j], sources[0]);
       grads.push_back((*grads_or_null)[j]);
     } else {
       grads.push_back(fresh(sources[0].sizes(), sources[0].options().memory_format(at::MemoryFormat::Contiguous)));
@@ -331,15 +324,11 @@ std::tuple<Tensor, Tensor, Tensor> phase1(TensorList blocks, const Tensor& queri
   const int N = static_cast<int>(blocks.size());
   const int64_t S = queries.size(0);
   const int dt = dtype_index(blocks[0], "blocks");
-  std::vector<Tensor> rows;
+  std::vector<Tensor> keep;
   std::vector<const void*> ptr(N);
   std::vector<int64_t> rs(N);
-  for (int j = 0; j < N; j++) {
-    rows.push_back(rows_of(blocks[j], D));
-    ptr[j] = rows[j].const_data_ptr();
-    rs[j] = rows[j].stride(0);
-  }
-  const int64_t T = rows[0].size(0);
+  for (int j = 0; j < N; j++) ptr[j] = rows_ptr(blocks[j], D, &rs[j], keep);
+  const int64_t T = blocks[0].numel() / D;
   std::vector<int64_t> oshape{S};
   for (int64_t s : blocks[0].sizes()) oshape.push_back(s);
   std::vector<int64_t> mshape(oshape.begin(), oshape.end() - 1);
@@ -369,23 +358,24 @@ Tensor phase2(const Tensor& o, const Tensor& m, const Tensor& z, const std::opti
   check_param("query", query, D);
   check_param("gain", gain, D);
   check_scalars(eps, scale);
-  Tensor orows = rows_of(o, D);
-  const int64_t T = orows.size(0);
+  std::vector<Tensor> keep;
+  int64_t ors = D, prs = 0;
+  const void* poo = rows_ptr(o, D, &ors, keep);
+  const int64_t T = o.numel() / D;
   TORCH_CHECK_VALUE(m.numel() == T && z.numel() == T, "m and z must have one value per token (", T, "), got ",
                     m.numel(), " and ", z.numel());
   Tensor mf = m.reshape({-1}).to(at::kFloat).contiguous(), zf = z.reshape({-1}).to(at::kFloat).contiguous();
-  Tensor prow;
+  const void* pp = nullptr;
   if (partial.has_value() && partial->defined()) {
     TORCH_CHECK_VALUE(partial->sizes() == o.sizes(), "partial has shape ", partial->sizes(), ", expected ", o.sizes());
-    prow = rows_of(partial->scalar_type() == o.scalar_type() ? *partial : partial->to(o.scalar_type()), D);
+    keep.push_back(partial->scalar_type() == o.scalar_type() ? *partial : partial->to(o.scalar_type()));
+    const Tensor p = keep.back();  // held by `keep` for the kernel's lifetime
+    pp = rows_ptr(p, D, &prs, keep);
   }
   Tensor out = fresh(o.sizes(), o.options().memory_format(at::MemoryFormat::Contiguous));
   if (T == 0) return out;
   const float* pu = u_of(query, gain, tl_u);
   const float *pm = mf.const_data_ptr<float>(), *pz = zf.const_data_ptr<float>();
-  const void* poo = orows.const_data_ptr();
-  const void* pp = prow.defined() ? prow.const_data_ptr() : nullptr;
-  const int64_t ors = orows.stride(0), prs = prow.defined() ? prow.stride(0) : 0;
   void* pout = out.data_ptr();
   const p2_fn fn = table()->p2[dt];
   at::parallel_for(0, T, grain(2 * D), [&](int64_t t0, int64_t t1) {

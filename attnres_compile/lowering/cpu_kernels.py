@@ -44,10 +44,6 @@ _STATE: dict[str, object] = {}
 _DISABLED = os.environ.get("ATTNRES_CPU_KERNELS", "1") in ("0", "false", "False", "")
 
 
-def _disabled() -> bool:
-    return _DISABLED
-
-
 def _load() -> bool:
     if "ok" in _STATE:
         return bool(_STATE["ok"])
@@ -81,7 +77,7 @@ def load_error() -> str | None:
 
 def warn_once() -> None:
     """One warning per process when the native kernels are missing (not when disabled)."""
-    if _disabled() or _load() or _STATE.get("warned"):
+    if _DISABLED or _load() or _STATE.get("warned"):
         return
     _STATE["warned"] = True
     warnings.warn(

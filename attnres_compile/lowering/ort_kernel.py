@@ -19,13 +19,11 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
-import threading
 
 __all__ = ["available", "unavailable_reason", "library_path", "calls", "HEADER_API_VERSION"]
 
 HEADER_API_VERSION = 29  # ORT_API_VERSION of the headers the library is built against
 
-_LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 

@@ -108,23 +108,7 @@ def forward(
     num_programs: int | None = None,
 ) -> Tensor:
     """``h`` [..., D] in the sources' dtype; one read of every source element."""
-    first = sources[0]
-    query, norm_weight = _vec(query), _vec(norm_weight)
-    d = first.shape[-1]
-    dtype = SUPPORTED_DTYPES[first.dtype]
-    rows = [_rows(s, d) for s in sources]
-    t = rows[0].shape[0]
-    out = torch.empty((t, d), dtype=first.dtype, device=first.device)
-    if t > 0:
-        bt = block_t or choose_block_t(d, "fwd")
-        spec = KernelSpec("fwd", d=d, dtype=dtype, m=len(sources), block_t=bt)
-        kernel = load_kernel(spec)
-        grid = (_grid(_cdiv(t, bt), first.device, num_programs),)
-        _wrap(kernel)[grid](
-            *rows, *[r.stride(0) for r in rows], query, norm_weight, out, t, float(eps), float(scale),
-            num_warps=choose_num_warps(bt, d),
-        )
-    return out.view(first.shape)
+    return _forward_launch(sources, query, norm_weight, eps, scale, block_t=block_t, num_programs=num_programs)
 
 
 def forward_norm(
@@ -150,19 +134,28 @@ def forward_norm(
         raise ValueError(f"kind must be 'rmsnorm' or 'layernorm', got {kind!r}")
     if (bias is None) != (kind == "rmsnorm"):
         raise ValueError("a LayerNorm epilogue takes a bias; an RMSNorm epilogue none")
+    params = [_vec(weight)] + ([_vec(bias)] if bias is not None else [])
+    return _forward_launch(sources, query, norm_weight, eps, scale, variant=kind, params=params,
+                           tail=[float(norm_eps)], block_t=block_t, num_programs=num_programs)
+
+
+def _forward_launch(sources, query, norm_weight, eps, scale, *, variant: str = "", params=(), tail=(),
+                    block_t: int | None, num_programs: int | None) -> Tensor:
+    """Launch the ``fwd`` kernel ``variant``: arguments ``sources, row strides, query, gain,
+    *params, out, T, eps, scale, *tail``."""
     first = sources[0]
+    query, norm_weight = _vec(query), _vec(norm_weight)
     d = first.shape[-1]
-    query, norm_weight, weight = _vec(query), _vec(norm_weight), _vec(weight)
     rows = [_rows(s, d) for s in sources]
     t = rows[0].shape[0]
     out = torch.empty((t, d), dtype=first.dtype, device=first.device)
     if t > 0:
         bt = block_t or choose_block_t(d, "fwd")
-        spec = KernelSpec("fwd", d=d, dtype=SUPPORTED_DTYPES[first.dtype], m=len(sources), block_t=bt, variant=kind)
-        params = [weight] + ([_vec(bias)] if bias is not None else [])
+        spec = KernelSpec("fwd", d=d, dtype=SUPPORTED_DTYPES[first.dtype], m=len(sources), block_t=bt,
+                          variant=variant)
         _wrap(load_kernel(spec))[(_grid(_cdiv(t, bt), first.device, num_programs),)](
             *rows, *[r.stride(0) for r in rows], query, norm_weight, *params, out, t, float(eps), float(scale),
-            float(norm_eps), num_warps=choose_num_warps(bt, d),
+            *tail, num_warps=choose_num_warps(bt, d),
         )
     return out.view(first.shape)
 

@@ -42,14 +42,6 @@ def _check_kind(kind: str, bias: Tensor | None) -> None:
         raise ValueError("an RMSNorm epilogue takes no bias")
 
 
-def _site(sources, query, norm_weight, eps, scale):
-    if _dispatch.use_triton(sources[0]):
-        from ..lowering import triton_kernels
-
-        return triton_kernels.forward(sources, query, norm_weight, eps, scale)
-    return _depth_attention_forward_impl(sources, query, norm_weight, eps, scale)
-
-
 # ---- site, then norm --------------------------------------------------------------------------
 
 def _norm_body(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float, weight: Tensor,
