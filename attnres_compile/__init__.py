@@ -1,7 +1,8 @@
 """attnres-compile: retrofit Block Attention Residuals into traced PyTorch models.
 
-Pipeline: capture (torch.export) -> passes/ (find residual streams, fix the plan, install it)
--> ops/ (the depth-attention op) -> lowering/ (kernels, torch.compile, ONNX).
+Pipeline: capture (torch.export) -> passes/ (find residual streams, fix the plan) -> runtime/
+(install the plan into the model's code, serve every call, replay saved plans) -> ops/ (the
+depth-attention op) -> lowering/ (kernels, torch.compile, ONNX).
 """
 
 from .api import (
@@ -14,7 +15,8 @@ from .api import (
     load_attnres_state_dict,
     save_attnres,
 )
-from .errors import AttnResError, CaptureError, ModeMismatchError, NoEligibleChainError, PlanMismatchError
+from .errors import (AttnResError, CaptureError, LayoutChangedError, ModeMismatchError, NoEligibleChainError,
+                     PlanMismatchError, StalePlanError)
 from .hf import from_pretrained
 from .lowering.onnx_export import export_onnx
 from .lowering.onnx_generate import export_decoder, export_for_generation, ort_generate
@@ -46,4 +48,6 @@ __all__ = [
     "NoEligibleChainError",
     "ModeMismatchError",
     "PlanMismatchError",
+    "StalePlanError",
+    "LayoutChangedError",
 ]

@@ -16,7 +16,7 @@ from .passes.find_chains import StreamAnalysis, analyse_streams
 from .passes.graph_utils import module_path, source_line
 from .passes.plan import ConversionPlan, SitePlan, chain_owner, chain_plan, plan_chain
 from .passes.graph_rewrite import rewrite_chain
-from .passes.rewrite import install
+from .runtime import install
 from .passes.schedule import layer_structure, resolve_block_size
 from .report import ChainReport, ConversionReport, LeftAloneReport, SiteReport
 
@@ -105,14 +105,26 @@ def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
     args, kwargs = normalize_inputs(example_inputs, kwargs)
     if hasattr(model, "attnres") and isinstance(getattr(model, "attnres"), AttnResParameters):
         raise TypeError(f"{type(model).__name__} is already converted by attnres_compile; convert the original")
-    name = type(model).__name__
     kwargs = without_cache(model, kwargs)
     if isinstance(model, torch.fx.GraphModule):
         return _convert_graph_module(model, args, kwargs, num_blocks=num_blocks, block_size=block_size,
                                      preserve=preserve, eps=eps, filter_fn=filter_fn)
 
     work = copy.deepcopy(model)
-    was_training = model.training
+    plan, report = derive_plan(work, args, kwargs, num_blocks=num_blocks, block_size=block_size,
+                               preserve=preserve, eps=eps, dynamic=dynamic, filter_fn=filter_fn)
+    return apply_plan(work, plan, report=report)
+
+
+def derive_plan(work: nn.Module, args: tuple, kwargs: dict, *, num_blocks, block_size, preserve, eps,
+                dynamic=True, filter_fn=None) -> tuple[ConversionPlan, ConversionReport]:
+    """Capture `work` (unconverted; left as it was) in both modes and fix its conversion plan:
+    convert()'s match step, and what a checkpoint replay runs again (runtime/replay.py)."""
+    from .runtime.replay import inputs_spec, versions
+
+    name = type(work).__name__
+    kwargs = without_cache(work, kwargs)
+    was_training = work.training
     train_cap = capture(work, args, kwargs, training=True, copy_model=False, dynamic=dynamic)
     # The eval capture only pairs each train chain with its eval twin (same sublayers, same
     # layout): static shapes do for that, at half the time of a dynamic capture.
@@ -150,8 +162,11 @@ def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
     calls = add_calls(train_gm.graph, train_cap.adds)
     plan = ConversionPlan(model=name, preserve=preserve, chains=[
         chain_plan(chain, cp[0].chain, s, cp, calls, root=work) for (chain, s), cp in zip(chains, plans)])
-    _check_checkpoint_regions(plan, chains, calls, report)
-    return apply_plan(work, plan, report=report)
+    plan.options = {"num_blocks": num_blocks, "block_size": block_size, "eps": eps, "dynamic": dynamic}
+    plan.inputs = inputs_spec(args, kwargs)
+    plan.versions = versions()
+    report.checkpointed = _checkpoint_regions(plan, chains, calls)
+    return plan, report
 
 
 def _convert_graph_module(gm, args, kwargs, *, num_blocks, block_size, preserve, eps, filter_fn):
@@ -184,9 +199,16 @@ def _convert_graph_module(gm, args, kwargs, *, num_blocks, block_size, preserve,
 def apply_plan(model: nn.Module, plan: ConversionPlan, *, report: ConversionReport | None = None) -> nn.Module:
     """Install a conversion plan on `model` in place (no capture): the new parameters at their
     initial values, the runtime that serves them. `convert()` and `from_pretrained()` use it;
-    call it on a model built like the one the plan was made for."""
+    call it on a model built like the one the plan was made for.
+
+    A saved plan whose lines moved (another version of the model's library) is re-derived from
+    the model's code first, and installed when it has the saved layout (runtime/replay.py);
+    LayoutChangedError names the first difference otherwise."""
+    from .runtime.replay import install_saved
+
     if "attnres" in model._modules or hasattr(type(model), "attnres"):
         raise TypeError(f"{type(model).__name__} already has an attribute 'attnres'; cannot convert it")
+    plan = install_saved(model, plan)
     if type(model) is nn.Sequential:
         # Sequential runs every child in order: one that skips the attnres child (same class otherwise)
         model.__class__ = AttnResSequential
@@ -198,6 +220,8 @@ def apply_plan(model: nn.Module, plan: ConversionPlan, *, report: ConversionRepo
     params.report = report
     params.runtime = install(model, plan, params)
     if report is not None:
+        report.installed = params.runtime.installed()
+        _warn_checkpoint_regions(params.runtime, report)
         model.attnres_report = report
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
@@ -235,22 +259,32 @@ def _restore_forward(model: nn.Module) -> None:
         del model.forward
 
 
-def _check_checkpoint_regions(plan: ConversionPlan, chains, calls: dict, report: ConversionReport) -> None:
-    """Links inside an activation checkpoint of a plain function (not a module call, not Hugging
-    Face's layer checkpointing): their recompute in backward cannot be converted. Warn, naming it."""
-    import warnings
-
+def _checkpoint_regions(plan: ConversionPlan, chains, calls: dict) -> list[tuple[int, str, str]]:
+    """(chain, sublayer, function) of links inside an activation checkpoint of a plain function
+    (not a module call, not Hugging Face's layer checkpointing)."""
+    found = []
     for (chain, _), cp in zip(chains, plan.chains):
         for link, lp in zip(chain.links, cp.links):
             call = calls.get(link.add)
-            if call is None or call.checkpointed is None:
-                continue
-            msg = (f"chain {cp.index}, sublayer {lp.sublayer}: its residual add runs inside an activation checkpoint "
-                   f"of a plain function ({call.checkpointed}), whose recompute in backward runs the original add; "
-                   f"checkpoint a module instead (torch.utils.checkpoint.checkpoint(module, ...) or "
-                   f"checkpoint_wrapper)")
-            report.warnings.append(msg)
-            warnings.warn(msg, stacklevel=3)
+            if call is not None and call.checkpointed is not None:
+                found.append((cp.index, lp.sublayer, call.checkpointed))
+    return found
+
+
+def _warn_checkpoint_regions(runtime, report: ConversionReport) -> None:
+    """A chain installed in code recomputes through its recompiled code; one watched by the mode
+    cannot re-enter the mode for a plain function's recompute in backward: warn, naming it."""
+    import warnings
+
+    for ci, sublayer, func in getattr(report, "checkpointed", ()):
+        if not runtime.chains[ci].watched:
+            continue
+        msg = (f"chain {ci}, sublayer {sublayer}: its residual add runs inside an activation checkpoint "
+               f"of a plain function ({func}), whose recompute in backward runs the original add (the chain is "
+               f"watched by a torch function mode: {runtime.chains[ci].watched}); checkpoint a module instead "
+               f"(torch.utils.checkpoint.checkpoint(module, ...) or checkpoint_wrapper)")
+        report.warnings.append(msg)
+        warnings.warn(msg, stacklevel=4)
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -387,7 +421,7 @@ class AttnResParameters(nn.Module):
     layout: dict | None = None
     plan: ConversionPlan | None = None   # what convert() decided (passes/plan.py)
     report: object = None                # the ConversionReport (None after from_pretrained)
-    runtime: object = None               # the installed plan (passes/rewrite.py)
+    runtime: object = None               # the installed plan (runtime/)
 
     def extra_repr(self) -> str:
         if self.plan is None:

@@ -94,7 +94,7 @@ class _AddRecorder(TorchFunctionMode):
 def _checkpointed_function(f) -> str | None:
     """The function a torch.utils.checkpoint region below frame `f` runs, when it is a plain
     function: the converted model re-enters its mode for a recompute through a module call or
-    Hugging Face's layer checkpointing, not through anything else (passes/rewrite.py)."""
+    Hugging Face's layer checkpointing, not through anything else (runtime/)."""
     below = None
     g = f
     for _ in range(64):
@@ -114,9 +114,9 @@ def _checkpointed_function(f) -> str | None:
 
 
 def _add_funcs():
-    from .passes.rewrite import _ADD_FUNCS
+    from .runtime.mode import ADD_FUNCS
 
-    return _ADD_FUNCS
+    return ADD_FUNCS
 
 
 def add_calls(graph, adds: list[AddCall]) -> dict:

@@ -7,6 +7,11 @@ and returns a report object.
 Checks: the number of sites (when expected), step-0 equivalence with the original (eval mode),
 gradient flow to every new parameter, and ONNX Runtime parity with random queries. Nothing
 here changes the converted model: the ONNX check perturbs the queries of a copy.
+
+The report also says which implementation each site's forward ran on the inputs
+(`VerifyReport.site_paths`: "triton", "native CPU kernel", "PyTorch", "PyTorch (triton forward
+disabled: ...)" when a generated kernel failed its first-use self-check, "two-phase: ...") and
+the self-check status of every probed Triton kernel (`VerifyReport.kernel_selfcheck`).
 """
 
 from __future__ import annotations
@@ -142,6 +147,13 @@ class Check:
 class VerifyReport:
     model: str
     checks: list[Check] = field(default_factory=list)
+    #: site ("chain0.site3", "chain0.final") -> the implementation its forward ran (eval mode,
+    #: no grad, on the verify inputs); see `site_paths`.
+    site_paths: dict[str, str] = field(default_factory=dict)
+    #: why `site_paths` is empty, when the forward that records them raised
+    site_paths_error: str | None = None
+    #: every Triton kernel variant probed in this process -> "ok" / "disabled: <reason>"
+    kernel_selfcheck: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -149,7 +161,15 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "status": "pass" if self.passed else "fail",
-                "checks": [asdict(c) for c in self.checks]}
+                "checks": [asdict(c) for c in self.checks], "site_paths": dict(self.site_paths),
+                "kernel_selfcheck": dict(self.kernel_selfcheck)}
+
+    def info(self) -> list[tuple[str, str]]:
+        """Informational lines (name, text) printed after the checks: the kernel path of the sites,
+        and every Triton kernel the self-check disabled."""
+        lines = [("kernel paths", self.site_paths_error or paths_summary(self.site_paths))]
+        lines += [("kernel self-check", f"{k} {v}") for k, v in self.kernel_selfcheck.items() if v != "ok"]
+        return lines
 
     def __rich_console__(self, console, options):
         from rich.text import Text
@@ -157,6 +177,8 @@ class VerifyReport:
         for c in self.checks:
             yield Text.assemble(("PASS" if c.passed else "FAIL", "green" if c.passed else "red"),
                                 f"  {c.name:<20} {c.detail}")
+        for name, text in self.info():
+            yield Text.assemble(("INFO", "cyan"), f"  {name:<20} {text}")
         n = sum(c.passed for c in self.checks)
         yield Text.assemble(("check passed" if self.passed else "check FAILED", "green" if self.passed else "red"),
                             f": {n}/{len(self.checks)} checks pass")
@@ -167,6 +189,48 @@ class VerifyReport:
         buf = io.StringIO()
         Console(file=buf, width=140, force_terminal=False, color_system=None).print(self)
         return buf.getvalue()
+
+
+def _site_name(param_name: str) -> str:
+    """"attnres.chain0.site3.query" (maybe under a wrapper's prefix) -> "chain0.site3"."""
+    parts = param_name.split(".")
+    start = len(parts) - 1 - parts[::-1].index("attnres") if "attnres" in parts else 0
+    return ".".join(parts[start + 1:-1])
+
+
+def site_paths(converted, args: tuple, kwargs: dict) -> dict[str, str]:
+    """One eval-mode, no-grad forward on the inputs, recording which implementation each site ran
+    (``ops.depth_attention.record_site_paths``): site name -> path, "not run" for a site the
+    inputs did not reach. Sites with one source (the identity) have no parameters and no entry."""
+    from .api import attnres_parameters
+    from .ops.depth_attention import record_site_paths
+
+    queries: dict[int, tuple] = {}
+    for name, p in attnres_parameters(converted).items():
+        if name.endswith(".query"):
+            queries.setdefault(id(p), (p, _site_name(name)))
+    was = converted.training
+    converted.eval()
+    try:
+        with torch.no_grad(), record_site_paths() as rec:
+            converted(*args, **kwargs)
+    finally:
+        converted.train(was)
+    return {name: rec.of(p) or "not run" for p, name in queries.values()}
+
+
+def paths_summary(paths: dict[str, str], limit: int = 6) -> str:
+    """"native CPU kernel: chain0.site1, chain0.site2 (2 sites); PyTorch: chain0.final" style."""
+    if not paths:
+        return "no depth-attention site with parameters"
+    groups: dict[str, list[str]] = {}
+    for site, path in paths.items():
+        groups.setdefault(path, []).append(site)
+    parts = []
+    for path, sites in groups.items():
+        shown = sites if len(sites) <= limit else [*sites[:limit - 1], "...", sites[-1]]
+        parts.append(f"{path}: {', '.join(shown)}" + (f" ({len(sites)} sites)" if len(sites) > 1 else ""))
+    return "; ".join(parts)
 
 
 def check_sites(converted, expect: int) -> Check:
@@ -301,7 +365,9 @@ def verify(converted, example_inputs, *, kwargs: dict | None = None, original=No
             converted model and its ONNX decoder with past; all three must agree.
         on_check: called with each Check as it completes (the CLI prints them as they come).
 
-    A check that raises is a failed check whose detail names the exception.
+    A check that raises is a failed check whose detail names the exception. After the gradient
+    check one more eval-mode forward records which implementation each site ran
+    (`VerifyReport.site_paths`, `VerifyReport.info()`; information, not a check).
     """
     from .api import is_converted
     from .capture import normalize_inputs
@@ -330,4 +396,12 @@ def verify(converted, example_inputs, *, kwargs: dict | None = None, original=No
         report.checks.append(result)
         if on_check is not None:
             on_check(result)
+        if name == "gradient flow":  # the kernel paths (info, not a check) come next
+            try:
+                report.site_paths = site_paths(converted, args, kwargs)
+            except Exception as exc:
+                report.site_paths_error = f"not recorded: the forward raised {type(exc).__name__}: {_first_line(exc)}"
+    from .lowering import selfcheck
+
+    report.kernel_selfcheck = selfcheck.status()
     return report

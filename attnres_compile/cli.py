@@ -377,36 +377,6 @@ def _resolve(spec: str):
     return obj
 
 
-def _embedding_size(model) -> int:
-    from torch import nn
-
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            return m.num_embeddings
-    return 2
-
-
-def _make_inputs(model, shapes, dtypes, spec: str) -> tuple:
-    import torch
-
-    dtypes = dtypes or ["float32"]
-    if len(dtypes) == 1:
-        dtypes = dtypes * len(shapes)
-    if len(dtypes) != len(shapes):
-        raise BadInput(f"give one --input-dtype for all inputs or one per --input-shape "
-                       f"({len(shapes)} shapes, {len(dtypes)} dtypes)")
-    out = []
-    for shape, name in zip(shapes, dtypes):
-        dtype = getattr(torch, name)
-        if dtype == torch.bool:
-            out.append(torch.randint(0, 2, shape).bool())
-        elif dtype.is_floating_point:
-            out.append(torch.randn(shape).to(dtype))
-        else:
-            out.append(torch.randint(0, _embedding_size(model), shape).to(dtype))
-    return tuple(out)
-
-
 def load_target(args, ui: UI) -> Target:
     """Import MODEL, build the model and its example inputs (BadInput when that cannot be done)."""
     with ui.step(f"loading {args.model}"):
@@ -462,7 +432,12 @@ def _load_target(args) -> Target:
         if not args.input_shape:
             raise BadInput(f"{spec} is a module instance without example inputs: pass --input-shape "
                            "(and --input-dtype), or name a factory returning (model, example_inputs)")
-        example = _make_inputs(model, args.input_shape, args.input_dtype, spec)
+        try:
+            from .inputs import make_inputs
+
+            example = make_inputs(model, args.input_shape, args.input_dtype)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
     elif args.input_shape or args.input_dtype:
         raise BadInput(f"--input-shape/--input-dtype are for module instances; {spec} supplies its own example inputs")
     return Target(spec, model, example, dict(kwargs))
@@ -507,99 +482,6 @@ def convert_target(target: Target, args, ui: UI, preserve: str):
     with ui.step(f"converting {target.name} (capture with torch.export, train and eval)"):
         return convert(target.model, target.args, kwargs=target.kwargs, num_blocks=args.num_blocks,
                        block_size=args.block_size, preserve=preserve)
-
-
-def dynamic_shapes_for(module, args: tuple, kwargs: dict, bounds: dict | None = None) -> dict:
-    """torch.export dynamic_shapes: dim 0 of every tensor input, and dim 1 of 2-D integer inputs.
-
-    Inputs whose dims have the same size share one Dim (e.g. input_ids and attention_mask);
-    `bounds` gives a dim's (min, max) by name ("batch", "seq", "seq_1", ...).
-    """
-    import torch
-    from torch.export import Dim
-    from torch.utils import _pytree as pytree
-
-    dims: dict = {}
-
-    def dim(role: str, size: int):
-        key = (role, size)
-        if key not in dims:
-            n = sum(1 for r, _ in dims if r == role)
-            name = role if n == 0 else f"{role}_{n}"
-            lo, hi = (bounds or {}).get(name, (None, None))
-            dims[key] = Dim(name, **({"min": lo} if lo is not None else {}), **({"max": hi} if hi is not None else {}))
-        return dims[key]
-
-    def spec(x):
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            return None
-        s = {0: dim("batch", x.shape[0])}
-        if x.dim() == 2 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
-            s[1] = dim("seq", x.shape[1])
-        return s
-
-    sig, bound = _v().bound_arguments(module, args, kwargs)
-    out = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind == inspect.Parameter.VAR_POSITIONAL:
-            out[name] = tuple(pytree.tree_map(spec, v) for v in value)
-        elif kind == inspect.Parameter.VAR_KEYWORD:
-            out[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
-        else:
-            out[name] = pytree.tree_map(spec, value)
-    return out
-
-
-def resized_inputs(args: tuple, kwargs: dict, dynamic: dict, module):
-    """Inputs of other sizes along the dynamic dims (batch + 1, seq - 1), values like the examples."""
-    import torch
-
-    sig, bound = _v().bound_arguments(module, args, kwargs)
-    new_size = {}
-    g = torch.Generator().manual_seed(1)
-
-    def resize(x, spec):
-        if not isinstance(x, torch.Tensor) or not spec:
-            return x
-        shape = list(x.shape)
-        for axis, d in spec.items():
-            if d not in new_size:
-                old = x.shape[axis]
-                new_size[d] = old + 1 if d.__name__.startswith("batch") or old <= 2 else old - 1
-            shape[axis] = new_size[d]
-        if x.dtype == torch.bool:
-            return torch.randint(0, 2, shape, generator=g).bool()
-        if x.is_floating_point():
-            return torch.randn(shape, generator=g).to(x.dtype)
-        lo, hi = int(x.min()), int(x.max())
-        return torch.randint(lo, hi + 1, shape, generator=g).to(x.dtype)
-
-    new_args, new_kwargs = [], {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        spec = dynamic.get(name)
-        if kind == inspect.Parameter.VAR_POSITIONAL:
-            new_args.extend(_resize_tree(resize, tuple(value), spec))
-        elif kind == inspect.Parameter.VAR_KEYWORD:
-            new_kwargs.update(_resize_tree(resize, dict(value), spec))
-        elif kind == inspect.Parameter.KEYWORD_ONLY or name in kwargs:
-            new_kwargs[name] = _resize_tree(resize, value, spec)
-        else:
-            new_args.append(_resize_tree(resize, value, spec))
-    return tuple(new_args), new_kwargs
-
-
-def _resize_tree(resize, value, spec):
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return resize(value, spec)
-    if isinstance(value, (tuple, list)) and isinstance(spec, (tuple, list)):
-        return type(value)(_resize_tree(resize, v, s) for v, s in zip(value, spec))
-    if isinstance(value, dict) and isinstance(spec, dict):
-        return {k: _resize_tree(resize, v, spec.get(k)) for k, v in value.items()}
-    return value
 
 
 def _write_json(path: str, data: dict, ui: UI) -> None:
@@ -653,6 +535,7 @@ def cmd_convert(args, ui: UI) -> int:
     import torch
 
     from . import load_attnres_state_dict, save_attnres
+    from .inputs import dynamic_shapes_for, resized_inputs
 
     target = load_target(args, ui)
     converted = convert_target(target, args, ui, args.preserve).eval()
@@ -704,6 +587,7 @@ def _program_err(loaded, converted, args: tuple, kwargs: dict) -> float:
 
 
 def cmd_export(args, ui: UI) -> int:
+    from .inputs import dynamic_shapes_for, resized_inputs
     from .lowering.onnx_export import count_depth_attention_nodes, export_onnx
 
     if args.fused and args.inline:
@@ -832,6 +716,9 @@ def cmd_check(args, ui: UI) -> int:
     if not ui.debug:
         for c in result.checks:
             show(c)
+    for name, text in result.info():
+        ui.out.print(f"[cyan]INFO[/]  {name:<20} ", end="", highlight=False)
+        ui.out.print(text, markup=False, highlight=False)
     passed = sum(c.passed for c in result.checks)
     ok = result.passed
     ui.out.print(f"[{'green' if ok else 'red'}]{'check passed' if ok else 'check FAILED'}[/]: "
@@ -841,6 +728,8 @@ def cmd_check(args, ui: UI) -> int:
             "status": "pass" if ok else "fail",
             "target": args.model,
             "checks": [c.__dict__ for c in result.checks],
+            "site_paths": result.site_paths,
+            "kernel_selfcheck": result.kernel_selfcheck,
             "report": report.to_dict(),
         }, ui)
     return EXIT_OK if ok else EXIT_FAILED

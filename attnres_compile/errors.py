@@ -27,6 +27,18 @@ class PlanMismatchError(AttnResError):
     says (another code path, order or model code); the message names the chain and sublayer."""
 
 
+class StalePlanError(PlanMismatchError):
+    """A saved plan names code that is no longer where it was (another version of the model's
+    library moved or edited a planned line). Loading re-derives the plan instead (runtime/replay.py);
+    raised only where that is not possible."""
+
+
+class LayoutChangedError(PlanMismatchError):
+    """A saved plan was re-derived from the model's current code, and the new plan has another
+    layout (chains, sublayers, sites or parameters) than the saved weights: a real change of the
+    model's structure. The message names the first difference."""
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first non-empty line of an exception's message, shortened to `limit` characters."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]

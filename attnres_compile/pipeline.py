@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import AttnResError
-from .passes.rewrite import _Run, _site_output
+from .runtime.core import site_output as _site_output
+from .runtime.state import _Run
 
 CACHE_POLICIES = ("none", "received", "held")
 
@@ -109,39 +110,44 @@ class AttnResStage(nn.Module):
     def forward(self, *inputs):
         rt = self._runtime
         chain = rt.chains[self._chain]
-        chain.grad_at_start = torch.is_grad_enabled()
+        # One call of the chain per stage forward, owned by this thread (runtime/state.py).
+        call = rt.calls.push(self._chain, torch.is_grad_enabled())
+        try:
+            return self._run(chain, call, inputs)
+        finally:
+            rt.calls.pop(self._chain)
+
+    def _run(self, chain, call, inputs):
         if self.index == 0:
             x = self.embed(*inputs)
-            chain.current = None
-            cached: list[Tensor] = []
         else:
             cached = self._take_cached()
-            x = self._enter(chain, cached, list(inputs))
+            x = self._enter(chain, call, cached, list(inputs))
         for layer in self.layers:
             x = layer(x)
         if self.index == self.num_stages - 1:
-            if chain.current is not None:
+            if call.current is not None:
                 raise PipelineSplitError(f"stage {self.index}: the chain did not end in the last stage "
-                                         f"(sublayer {chain.current.next} was next)")
+                                         f"(sublayer {call.current.next} was next)")
             return self.head(x)
-        run = chain.current
+        run = call.current
         if run is None or run.next != self.stop_link:
             raise PipelineSplitError(f"stage {self.index} should end before sublayer {self.stop_link} of chain "
                                      f"{self._chain}, but the chain is at "
                                      f"{'its end' if run is None else run.next}")
-        chain.current = None
+        call.current = None
         blocks, partial = list(run.blocks), run.partial
         return self._leave(blocks, partial)
 
     # -- entering: the state in, the first sublayer's input out ----------------------------
-    def _enter(self, chain, cached: list[Tensor], received: list[Tensor]) -> Tensor:
+    def _enter(self, chain, call, cached: list[Tensor], received: list[Tensor]) -> Tensor:
         n_blocks, has_partial = self.state_layout_in
         new = n_blocks - len(cached)
         blocks = cached + received[:new]
         partial = received[new] if has_partial else None
-        run = _Run(chain, blocks[0], detached=False)
+        run = _Run(chain, blocks[0], detached=False, call=call)
         run.blocks, run.partial, run.next = blocks, partial, self.first_link
-        chain.current = run
+        call.current = run
         sources = [*blocks] if partial is None else [*blocks, partial]
         return _site_output(chain.sites[self.first_link], sources, chain.plan.feature_axis)
 

@@ -74,6 +74,8 @@ class ConversionReport:
     left_alone: list[LeftAloneReport]
     refused_chains: list[dict]
     warnings: list[str] = field(default_factory=list)  # features of the original not kept, and why
+    installed: list[str] = field(default_factory=list)  # per chain: its adds installed in code, or watched (why)
+    checkpointed: list = field(default_factory=list)    # (chain, sublayer, function) in a plain-function checkpoint
 
     @property
     def num_sites(self) -> int:
@@ -125,6 +127,8 @@ class ConversionReport:
             if c.extra_uses:
                 yield Text(f"  other readers of the stream get the site output: {', '.join(c.extra_uses)}",
                            style="yellow")
+        for line in self.installed:
+            yield Text(f"runtime: {line}", style="yellow" if "watched" in line else "")
         for r in self.refused_chains:
             yield Text(f"chain from {r['start']} left alone: {r['reason']}", style="yellow")
         for w in self.warnings:

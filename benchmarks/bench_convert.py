@@ -11,7 +11,7 @@ Stages: capture = the two torch.export runs (train and eval); analyse = residual
 analysis of both graphs; plan = sites, add locations and owners of every chain; install =
 parameters and the runtime on the copy (apply_plan); total = convert(), deep copy included.
 
-First calls: the converted model captures nothing per call (passes/rewrite.py), so the first
+First calls: the converted model captures nothing per call (runtime/), so the first
 call of each new call structure (padding mask, hidden states, a cache) is timed against the
 same first call of the original model, each on a fresh copy.
 """

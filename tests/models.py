@@ -126,6 +126,23 @@ def hf_configs():
     }
 
 
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, in float64 (both must be finite)."""
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def perturb(conv, scale=0.5, seed=0):
+    """Move a converted model's AttnRes parameters off their zero init (non-trivial mixtures)."""
+    import attnres_compile as ac
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ac.attnres_parameters(conv).values():
+            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    return conv
+
+
 def main_output(out):
     """The tensor to compare from a model's output (logits, last hidden state, or the tensor)."""
     if isinstance(out, torch.Tensor):

@@ -109,6 +109,11 @@ def test_check_passes_on_examples_gpt_with_onnx_and_json(cli):
     assert checks["onnx parity"]["value"] <= 1e-4
     assert data["report"]["num_sites"] == 9 and data["report"]["preserve"] == "exact"
     assert len(data["report"]["parameters"]) == 16
+    # which implementation each site ran (information, not a check): 8 sites with parameters
+    info = [ln for ln in lines if ln.startswith("INFO") and "kernel paths" in ln]
+    assert len(info) == 1 and "(8 sites)" in info[0], r.stdout
+    assert len(data["site_paths"]) == 8 and set(data["site_paths"].values()) <= {"native CPU kernel", "PyTorch"}
+    assert data["kernel_selfcheck"] == {}  # no Triton kernel on a CPU run
 
 
 def test_check_passes_on_hf_llama_with_generation(cli):
@@ -257,7 +262,7 @@ def test_version(cli):
 
 
 def test_dynamic_shapes_share_dims_by_size():
-    from attnres_compile.cli import dynamic_shapes_for
+    from attnres_compile.inputs import dynamic_shapes_for
 
     class Two(torch.nn.Module):
         def forward(self, input_ids, attention_mask=None, pixel_values=None, use_cache=True):

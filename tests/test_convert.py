@@ -284,7 +284,7 @@ def test_untraceable_model_names_source_line():
 def test_wrong_example_inputs():
     model, _, _, _ = tiny()
     with pytest.raises(ac.CaptureError, match="example_inputs") as ei:
-        ac.convert(model, (torch.randn(2, 9),))  # floats where token ids are expected
+        ac.convert(model, (torch.randint(0, 37, (2, 9, 3)),))  # a batch of 3-D ids: the position embedding cannot broadcast
     assert "models.py" in str(ei.value)
     with pytest.raises(TypeError, match="example_inputs"):
         ac.convert(model, "not a tensor")

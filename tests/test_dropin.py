@@ -28,25 +28,12 @@ import attnres_compile as ac
 from attnres_compile.capture import capture
 from attnres_compile.ops.reference import depth_attention_reference
 
-from .models import architectures, main_output
+from .models import architectures, main_output, perturb, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = architectures()
 LMS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox_parallel"]
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
-
-
-def rel_err(a, b) -> float:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def perturb(conv, scale=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ac.attnres_parameters(conv).values():
-            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
-    return conv
 
 
 def build(name, seed=0):
@@ -606,12 +593,15 @@ def test_the_users_model_is_not_touched():
 
 
 class _CheckpointedFunction(torch.nn.Module):
-    """Checkpoints a plain function holding the residual adds: its recompute cannot be reached."""
+    """Checkpoints a plain function holding the residual adds: a method of the module (installed
+    in code: its recompute runs the recompiled method) or a free function (watched by the mode,
+    which cannot re-enter for the recompute)."""
 
-    def __init__(self, d=8, n=3):
+    def __init__(self, d=8, n=3, free=False, ckpt=True):
         super().__init__()
         self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(n))
         self.lins = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(n))
+        self.free, self.ckpt = free, ckpt
 
     def _layer(self, x, i):
         return x + self.lins[i](self.norms[i](x))
@@ -620,15 +610,39 @@ class _CheckpointedFunction(torch.nn.Module):
         from torch.utils.checkpoint import checkpoint
 
         for i in range(len(self.lins)):
-            x = checkpoint(self._layer, x, i, use_reentrant=False)
+            fn, args = (_free_layer, (x, self.lins[i], self.norms[i])) if self.free else (self._layer, (x, i))
+            x = checkpoint(fn, *args, use_reentrant=False) if self.ckpt else fn(*args)
         return x
 
 
-def test_checkpointed_plain_function_is_reported_with_a_warning():
+def _free_layer(x, lin, norm):
+    return x + lin(norm(x))
+
+
+def test_checkpointed_method_recomputes_through_the_installed_code():
+    torch.manual_seed(0)
     x = torch.randn(2, 8)
-    with pytest.warns(UserWarning, match=r"inside an activation checkpoint of a plain function .*_layer"):
-        conv = ac.convert(_CheckpointedFunction(), (x,), preserve="exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv = perturb(ac.convert(_CheckpointedFunction(), (x,), preserve="exact"))
+    assert conv.attnres_report.installed == ["chain 0: installed in code"] and not conv.attnres_report.warnings
+    plain = copy.deepcopy(conv)
+    plain.ckpt = False
+    grads = []
+    for m in (conv, plain):
+        m.zero_grad()
+        m(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_checkpointed_free_function_in_a_watched_chain_is_reported_with_a_warning():
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match=r"inside an activation checkpoint of a plain function .*_free_layer"):
+        conv = ac.convert(_CheckpointedFunction(free=True), (x,), preserve="exact")
     assert any("checkpoint of a plain function" in w for w in conv.attnres_report.warnings)
+    assert "watched by a torch function mode" in conv.attnres_report.installed[0]
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 3])
@@ -666,23 +680,43 @@ def test_two_phase_inference_equals_the_single_pass(block_size):
     assert rel_err(fast, plain) <= 1e-5
 
 
-def test_a_saved_plan_finds_the_models_code_by_module_and_checks_it():
-    """A plan made in another environment names files elsewhere: its adds are found again through
-    their Python module; a plan whose lines no longer hold the add is refused naming both."""
+def test_a_saved_plan_finds_the_models_code_by_module_and_rederives_when_it_moved():
+    """A plan made in another environment names its files relative to their Python module and
+    is found again through it; a plan whose lines no longer hold the adds (the library moved
+    them) is re-derived from the model's code, with one warning, and serves the saved weights
+    unchanged; a plan of another structure is refused naming the first difference."""
     from attnres_compile.passes.plan import ConversionPlan
 
     model = build("llama")
     conv = perturb(ac.convert(model, (IDS,), preserve="exact", num_blocks=2))
-    moved = conv.attnres.plan.to_dict()
-    for c in moved["chains"]:
-        for lk in c["links"]:
-            lk["add"]["file"] = "/elsewhere/site-packages/" + lk["add"]["file"].split("site-packages/")[-1]
-    fresh = ac.apply_plan(build("llama"), ConversionPlan.from_dict(moved))
+    saved = conv.attnres.plan.to_dict()
+    files = {lk["add"]["file"] for c in saved["chains"] for lk in c["links"]}
+    assert files == {"modeling_llama.py"}, files  # relative: no path of this machine in a checkpoint
+    with torch.no_grad():
+        want = conv(IDS).logits
+    fresh = ac.apply_plan(build("llama"), ConversionPlan.from_dict(saved))
     ac.load_attnres_state_dict(fresh, ac.attnres_state_dict(conv))
     with torch.no_grad():
-        assert rel_err(fresh(IDS).logits, conv(IDS).logits) <= 1e-6
-    stale = conv.attnres.plan.to_dict()
-    stale["chains"][0]["links"][1]["add"]["line"] -= 1
-    with pytest.raises(ac.PlanMismatchError, match=r"chain 0, sublayer 1: the plan expects `hidden_states = "
-                                                   r"residual \+ hidden_states` at .*modeling_llama.py:\d+, but that line"):
-        ac.apply_plan(build("llama"), ConversionPlan.from_dict(stale))
+        assert rel_err(fresh(IDS).logits, want) <= 1e-6
+
+    moved = copy.deepcopy(saved)
+    for c in moved["chains"]:
+        for lk in c["links"]:
+            lk["add"]["line"] += 3  # as if the library had inserted three lines above every layer
+    with pytest.warns(UserWarning, match=r"names code that moved \(chain 0, sublayer 0: the plan expects "
+                                         r"`hidden_states = residual \+ hidden_states` at modeling_llama.py:\d+"):
+        fresh = ac.apply_plan(build("llama"), ConversionPlan.from_dict(moved))
+    assert fresh.config.attnres["chains"][0]["links"][0]["add"]["line"] == saved["chains"][0]["links"][0]["add"]["line"]
+    ac.load_attnres_state_dict(fresh, ac.attnres_state_dict(conv))
+    with torch.no_grad():
+        assert rel_err(fresh(IDS).logits, want) <= 1e-6
+
+    other = copy.deepcopy(moved)
+    other["chains"][0]["links"][3]["sublayer"] = "model.layers.1.feed_forward"
+    with pytest.raises(ac.LayoutChangedError, match=r"chain 0, sublayer 3: 'model.layers.1.feed_forward' when saved, "
+                                                    r"'model.layers.1.mlp' now"):
+        ac.apply_plan(build("llama"), ConversionPlan.from_dict(other))
+    deeper = copy.deepcopy(moved)
+    deeper["chains"][0]["block_size"] = 4
+    with pytest.raises(ac.LayoutChangedError, match="chain 0: block size 4 when saved, 2 now"):
+        ac.apply_plan(build("llama"), ConversionPlan.from_dict(deeper))

@@ -105,16 +105,16 @@ def _in_converted_model() -> bool:
     import sys
 
     from ..api import is_converted
-    from ..passes.rewrite import _ForwardInMode
+    from ..runtime.core import _Planned
 
     child, _ = _compiled_frame()
-    if isinstance(child, torch.nn.Module) and (isinstance(child.__dict__.get("forward"), _ForwardInMode)
+    if isinstance(child, torch.nn.Module) and (isinstance(child.__dict__.get("forward"), _Planned)
                                                 or is_converted(child)):
         return True
     f = sys._getframe(1)
     while f is not None:
         owner = f.f_locals.get("self")
-        if isinstance(owner, torch.nn.Module) and isinstance(owner.__dict__.get("forward"), _ForwardInMode):
+        if isinstance(owner, torch.nn.Module) and isinstance(owner.__dict__.get("forward"), _Planned):
             return True
         f = f.f_back
     return False

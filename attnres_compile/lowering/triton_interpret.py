@@ -22,7 +22,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ByteCounter", "count_bytes", "round_bf16_to_nearest"]
+__all__ = ["ByteCounter", "count_bytes", "round_bf16_to_nearest", "interpreter_compat"]
+
+
+def interpreter_compat() -> None:
+    """Make an older Triton's interpreter run our kernels (idempotent; interpreter only).
+
+    Triton 3.6's interpreter (the GPU machine's release) converts a scalar to an index with
+    `int(array)` on its one-element array, which numpy 2 refuses; `for tile in range(pid, n,
+    nprog)` then fails. Triton 3.9 squeezes the array first: the same is set here. Compiled
+    kernels (a GPU) never take this path."""
+    try:
+        from triton.runtime import interpreter as ti
+    except ImportError:
+        return
+    orig = getattr(ti, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_attnres_compat", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._attnres_compat = True
+    ti._patch_lang_tensor = patch_lang_tensor
 
 
 @dataclass
@@ -94,17 +117,19 @@ def count_bytes(tensors: Mapping[str, Tensor] | None = None, *, track_elements: 
     builder = interp.InterpreterBuilder
     orig_load, orig_store = builder.create_masked_load, builder.create_masked_store
 
-    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # The cache arguments after `other` / `value` differ between Triton releases (3.9: a
+    # cache_policy; 3.6: cache_modifier and eviction_policy): pass them on as they come.
+    def masked_load(self, ptrs, mask, other, *cache_args):
         nbytes = ptrs.get_element_ty().primitive_bitwidth // 8
         m = np.broadcast_to(mask.data, ptrs.data.shape)
         counter._attribute(ptrs.data[m].astype(np.uint64), nbytes, counter.loads, track_elements)
-        return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return orig_load(self, ptrs, mask, other, *cache_args)
 
-    def masked_store(self, ptrs, value, mask, cache_policy):
+    def masked_store(self, ptrs, value, mask, *cache_args):
         nbytes = ptrs.get_element_ty().primitive_bitwidth // 8
         m = np.broadcast_to(mask.data, ptrs.data.shape)
         counter._attribute(ptrs.data[m].astype(np.uint64), nbytes, counter.stores, False)
-        return orig_store(self, ptrs, value, mask, cache_policy)
+        return orig_store(self, ptrs, value, mask, *cache_args)
 
     builder.create_masked_load = masked_load
     builder.create_masked_store = masked_store

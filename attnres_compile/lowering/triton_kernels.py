@@ -71,7 +71,20 @@ def max_programs(device: torch.device) -> int:
 def _wrap(kernel):
     from torch.library import wrap_triton
 
-    return wrap_triton(kernel)
+    if interpreter_enabled():
+        from .triton_interpret import interpreter_compat
+
+        interpreter_compat()
+    try:
+        return wrap_triton(kernel)
+    except RuntimeError:
+        # torch < 2.13 accepts only a JITFunction, not the InterpretedFunction that triton.jit
+        # makes under TRITON_INTERPRET=1 (torch 2.11 + triton 3.6, the GPU machine's pair). The
+        # interpreter runs CPU tensors, which the ops never decompose into a trace: launch the
+        # kernel itself.
+        if interpreter_enabled():
+            return kernel
+        raise
 
 
 def _rows(t: Tensor, d: int) -> Tensor:

@@ -11,6 +11,9 @@ the ``triton_kernel_wrapper`` calls and schedules the generated kernels itself. 
 decomposition is restricted to CUDA tensors here: on any other device the op stays one opaque
 node (and runs its CPU kernel), which is what graph passes, ONNX export and the one-node
 tests expect. Without triton it is a plain ``torch.library.custom_op`` with the same body.
+
+Each kernel variant checks itself on first use (``lowering/selfcheck.py``): :func:`use_triton`
+is false for a variant whose probe failed, and the body runs its PyTorch implementation.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from ..lowering import selfcheck
+
 log = logging.getLogger(__name__)
 
-__all__ = ["define_op", "use_triton", "triton_on_cpu", "is_triton_op"]
+__all__ = ["define_op", "use_triton", "triton_disabled_reason", "triton_on_cpu", "is_triton_op"]
 
 _TRITON_ON_CPU = [False]
 
@@ -74,8 +79,7 @@ def triton_importable() -> bool:
     return _TRITON_OK[0]
 
 
-def use_triton(t: Tensor) -> bool:
-    """Whether an op body should launch the generated Triton kernels for tensor ``t``."""
+def _triton_eligible(t: Tensor) -> bool:
     from ..lowering.triton_codegen import SUPPORTED_DTYPES
 
     if t.dtype not in SUPPORTED_DTYPES or not triton_importable():
@@ -86,6 +90,20 @@ def use_triton(t: Tensor) -> bool:
         # The interpreter cannot run on fake tensors; let the plain body trace instead.
         return not (interpreter_enabled() and _is_fake(t))
     return t.device.type == "cpu" and _TRITON_ON_CPU[0] and not _is_fake(t)
+
+
+def use_triton(t: Tensor, variant: str) -> bool:
+    """Whether an op body should launch the generated Triton kernel ``variant`` (one of
+    ``lowering.selfcheck.VARIANTS``) for tensor ``t``: a CUDA tensor (or a CPU tensor under
+    :func:`triton_on_cpu`) of a supported dtype, and the variant has passed its first-use
+    self-check for that dtype and device (``lowering/selfcheck.py``; it runs on the first call)."""
+    return _triton_eligible(t) and selfcheck.kernel_ok(variant, t)
+
+
+def triton_disabled_reason(t: Tensor, variant: str) -> str | None:
+    """Why the kernel ``variant`` does not run for ``t`` although it could (its self-check
+    failed), else None. Never probes."""
+    return selfcheck.disabled_reason(variant, t) if _triton_eligible(t) else None
 
 
 def is_triton_op(name: str) -> bool:

@@ -33,6 +33,8 @@ Where the work runs (``_dispatch.py``, docs/kernels.md):
 
 * CUDA tensors: generated Triton kernels (``lowering/triton_codegen.py``), launched through
   ``torch.library.wrap_triton`` from ``torch.library.triton_op`` bodies, so Inductor sees them.
+  Each kernel variant checks itself on first use against the plain implementation below and is
+  disabled, with one warning, when it fails (``lowering/selfcheck.py``).
 * CPU tensors: the native kernels built at install (``attnres_compile._C``,
   ``lowering/cpu_kernels.py``), falling back to the plain implementation below when the
   package was installed without them (one warning); the plain path can be forced with
@@ -57,7 +59,7 @@ from torch import Tensor
 
 from . import _dispatch
 
-__all__ = ["depth_attention", "plain_cpu_path"]
+__all__ = ["depth_attention", "plain_cpu_path", "record_site_paths", "site_path"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,16 +208,22 @@ def _forward(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: flo
              *, c_kernels: bool) -> Tensor:
     """Checks, then the first available of: Triton kernel, generated C kernel (CPU), plain PyTorch."""
     _check_inputs(sources, query, norm_weight, eps, scale)
-    if _dispatch.use_triton(sources[0]):
+    if _dispatch.use_triton(sources[0], "forward"):
         from ..lowering import triton_kernels
 
+        if _RECORDING:
+            record_path(query, TRITON)
         return triton_kernels.forward(sources, query, norm_weight, eps, scale)
     if c_kernels and _FAST_CPU[0]:
         from ..lowering import cpu_kernels
 
         out = cpu_kernels.forward(sources, query, norm_weight, eps, scale)
         if out is not None:
+            if _RECORDING:
+                record_path(query, NATIVE_CPU)
             return out
+    if _RECORDING:
+        record_path(query, pytorch_path(sources[0], "forward"))
     return _depth_attention_forward_impl(sources, query, norm_weight, eps, scale)
 
 
@@ -224,7 +232,7 @@ def _backward_dispatch(grad_out: Tensor, sources: list[Tensor], query: Tensor, n
     """As `_forward`, for the backward op."""
     _check_inputs(sources, query, norm_weight, eps, scale)
     _check_grad_out(grad_out, sources)
-    if _dispatch.use_triton(sources[0]):
+    if _dispatch.use_triton(sources[0], "backward"):
         from ..lowering import triton_kernels
 
         return triton_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
@@ -273,15 +281,29 @@ _FAST_CPU = [True]
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def native_eager(first: object) -> bool:
-    """Whether a site whose first source is ``first`` can run the native eager op: a plain CPU
-    tensor, the native kernels built, and nothing recording or transforming the call (a
-    capture must see ``attnres::depth_attention``; fake and subclass tensors need the Python op).
-    Runs once per eager site, so every check is a cheap attribute or C call."""
-    if not (type(first) is Tensor and first.is_cpu and first.dtype in _NATIVE_DTYPES and _FAST_CPU[0]):
+#: What the native eager path accepts: plain dense CPU tensors (a Parameter is one; a subclass
+#: such as DTensor or AsyncCollectiveTensor, a fake, meta, sparse or nested tensor is not).
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
+
+
+def native_eager(sources: Sequence[object], query: object, norm_weight: object) -> bool:
+    """Whether a site over ``sources`` can run the native eager op: every source, the query and
+    the gain plain dense CPU tensors (``_PLAIN_TYPES``, strided layout, not nested: native code
+    must never receive a tensor it cannot read, e.g. a subclass), a native dtype, the native
+    kernels built, and nothing recording or transforming the call (a capture must see
+    ``attnres::depth_attention``). Runs once per eager site, so every check is a cheap attribute
+    or C call."""
+    if not _FAST_CPU[0] or torch.compiler.is_compiling():  # Dynamo folds this to True and traces nothing after
         return False
-    if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces nothing after
+    for t in sources:
+        if type(t) not in _PLAIN_TYPES or t.layout is not _STRIDED or not t.is_cpu or t.is_nested:
+            return False
+    if sources[0].dtype not in _NATIVE_DTYPES:
         return False
+    for t in (query, norm_weight):
+        if type(t) not in _PLAIN_TYPES or t.layout is not _STRIDED or not t.is_cpu or t.is_nested:
+            return False
     if (_len_dispatch_stack() or _functorch_active() or torch.jit.is_tracing()
             or _dispatch.triton_on_cpu_enabled()):    # (tests route CPU tensors to the Triton kernels)
         return False
@@ -301,9 +323,89 @@ def depth_attention_call(sources: list[Tensor], query: Tensor, norm_weight: Tens
                          scale: float) -> Tensor:
     """The site as converted models run it (arguments already checked by construction): the
     native eager op when :func:`native_eager` allows, else the ``attnres::depth_attention`` op."""
-    if native_eager(sources[0]):
+    if native_eager(sources, query, norm_weight):
+        if _RECORDING:
+            record_path(query, NATIVE_CPU)
         return _native_entry()(sources, query, norm_weight, eps, scale)
     return torch.ops.attnres.depth_attention.default(sources, query, norm_weight, eps, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Which implementation ran (verify() and ``attnres check`` report it per site)
+# --------------------------------------------------------------------------------------------
+
+TRITON = "triton"
+NATIVE_CPU = "native CPU kernel"
+PYTORCH = "PyTorch"
+
+#: The active :class:`SitePaths` recorders; empty (the hot path's one check) when none.
+_RECORDING: list = []
+
+
+class SitePaths:
+    """What :func:`record_site_paths` collects: per site (its query tensor), the implementations
+    its forward ran, in order of first use."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Tensor, list[str]]] = {}
+
+    def add(self, query: Tensor, path: str) -> None:
+        entry = self._by_id.get(id(query))
+        if entry is None or entry[0] is not query:
+            self._by_id[id(query)] = (query, [path])
+        elif path not in entry[1]:
+            entry[1].append(path)
+
+    def of(self, query: Tensor) -> str | None:
+        """The path(s) of the site whose query is ``query`` (``" / "``-joined), None if it did not run."""
+        entry = self._by_id.get(id(query))
+        return " / ".join(entry[1]) if entry is not None and entry[0] is query else None
+
+
+@contextlib.contextmanager
+def record_site_paths() -> Iterator[SitePaths]:
+    """Record, for every depth-attention site that runs inside the block, which implementation
+    its forward ran: ``"triton"``, ``"native CPU kernel"``, ``"PyTorch"``, or ``"PyTorch (triton
+    <variant> disabled: <reason>)"`` when the kernel failed its self-check; two-phase sites read
+    ``"two-phase: ..."``. Sites are keyed by their query tensor (the parameter)."""
+    rec = SitePaths()
+    _RECORDING.append(rec)
+    try:
+        yield rec
+    finally:
+        for i, r in enumerate(_RECORDING):
+            if r is rec:
+                del _RECORDING[i]
+                break
+
+
+def record_path(query: Tensor, path: str) -> None:
+    for rec in list(_RECORDING):
+        rec.add(query, path)
+
+
+def pytorch_path(t: Tensor, variant: str) -> str:
+    """``"PyTorch"``, naming the disabled Triton kernel when its self-check made it so."""
+    reason = _dispatch.triton_disabled_reason(t, variant)
+    return PYTORCH if reason is None else f"{PYTORCH} (triton {variant} disabled: {reason})"
+
+
+def site_path(first: Tensor, query: Tensor | None = None, norm_weight: Tensor | None = None) -> str:
+    """Which implementation an eager site forward whose first source is ``first`` runs now
+    (the same decisions as :func:`depth_attention_call`; may run a kernel's first-use
+    self-check): ``"triton"``, ``"native CPU kernel"``, ``"PyTorch"`` or ``"PyTorch (triton
+    forward disabled: <reason>)"``. ``query``/``norm_weight`` default to plain tensors."""
+    params = (first if query is None else query, first if norm_weight is None else norm_weight)
+    if native_eager([first], *params):
+        return NATIVE_CPU
+    if _dispatch.use_triton(first, "forward"):
+        return TRITON
+    if first.is_cpu and _FAST_CPU[0] and first.dtype in _NATIVE_DTYPES:
+        from ..lowering import cpu_kernels
+
+        if cpu_kernels.available():
+            return NATIVE_CPU
+    return pytorch_path(first, "forward")
 
 
 _ENTRY: list = []
@@ -397,8 +499,10 @@ def depth_attention(
     Raises:
         TypeError / ValueError naming the argument on bad input.
     """
-    if isinstance(sources, (list, tuple)) and sources and native_eager(sources[0]) and type(eps) is float \
-            and type(scale) is float:
+    if isinstance(sources, (list, tuple)) and sources and native_eager(sources, query, norm_weight) \
+            and type(eps) is float and type(scale) is float:
+        if _RECORDING:
+            record_path(query, NATIVE_CPU)
         try:
             return _native_entry()(list(sources), query, norm_weight, eps, scale)
         except (RuntimeError, TypeError, ValueError):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from .depth_attention import _depth_attention_forward_impl
+from .depth_attention import _RECORDING, TRITON, _depth_attention_forward_impl, pytorch_path, record_path
 
 __all__ = ["depth_attention_norm", "depth_attention_partial"]
 
@@ -47,10 +47,15 @@ def _check_kind(kind: str, bias: Tensor | None) -> None:
 def _norm_body(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float, weight: Tensor,
                bias: Tensor | None, norm_eps: float, kind: str) -> Tensor:
     _check_kind(kind, bias)
-    if _dispatch.use_triton(sources[0]):
+    variant = f"forward_norm_{kind}"
+    if _dispatch.use_triton(sources[0], variant):
         from ..lowering import triton_kernels
 
+        if _RECORDING:
+            record_path(query, TRITON)
         return triton_kernels.forward_norm(sources, query, norm_weight, eps, scale, weight, bias, norm_eps, kind=kind)
+    if _RECORDING:
+        record_path(query, pytorch_path(sources[0], variant))
     return _norm(_depth_attention_forward_impl(sources, query, norm_weight, eps, scale), kind, weight, bias, norm_eps)
 
 
@@ -100,10 +105,14 @@ _norm_op.register_autograd(_norm_backward, setup_context=_norm_setup)
 
 def _partial_body(blocks: list[Tensor], prev: Tensor, add: Tensor, query: Tensor, norm_weight: Tensor, eps: float,
                   scale: float) -> tuple[Tensor, Tensor]:
-    if _dispatch.use_triton(prev):
+    if _dispatch.use_triton(prev, "forward_partial"):
         from ..lowering import triton_kernels
 
+        if _RECORDING:
+            record_path(query, TRITON)
         return triton_kernels.forward_partial(blocks, prev, add, query, norm_weight, eps, scale)
+    if _RECORDING:
+        record_path(query, pytorch_path(prev, "forward_partial"))
     new_partial = (prev + add).contiguous()
     return _depth_attention_forward_impl([*blocks, new_partial], query, norm_weight, eps, scale), new_partial
 

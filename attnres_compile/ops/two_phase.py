@@ -44,6 +44,7 @@ from torch import Tensor
 
 from . import _dispatch
 from .depth_attention import _FAST_CPU, _check_param, _compute_dtype, check_tensor_sequence
+from .depth_attention import _RECORDING, NATIVE_CPU, PYTORCH, TRITON, pytorch_path, record_path
 
 __all__ = [
     "depth_attention_phase1",
@@ -162,55 +163,78 @@ def _phase2_impl(
 
 
 def _phase1_body(blocks: list[Tensor], queries: Tensor, gains: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    _check_phase1(blocks, queries, gains, eps)
-    if _dispatch.use_triton(blocks[0]):
-        from ..lowering import triton_kernels
-
-        return triton_kernels.phase1(blocks, queries, gains, eps)
-    return _phase1_impl(blocks, queries, gains, eps)
+    return _phase1(blocks, queries, gains, eps, c_kernels=False)
 
 
 def _phase1_cpu(blocks: list[Tensor], queries: Tensor, gains: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _phase1(blocks, queries, gains, eps, c_kernels=True)
+
+
+#: While site paths are recorded (``depth_attention.record_site_paths``): the path of the last
+#: phase 1, which the phase 2 calls of its sites report with their own.
+_LAST_PHASE1 = [PYTORCH]
+
+
+def _phase1(blocks, queries, gains, eps, *, c_kernels: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Checks, then the first available of: Triton kernel, C kernel (CPU), plain PyTorch."""
     _check_phase1(blocks, queries, gains, eps)
-    if _dispatch.use_triton(blocks[0]):
+    if _dispatch.use_triton(blocks[0], "phase1"):
         from ..lowering import triton_kernels
 
+        if _RECORDING:
+            _LAST_PHASE1[0] = TRITON
         return triton_kernels.phase1(blocks, queries, gains, eps)
-    if _FAST_CPU[0]:
+    if c_kernels and _FAST_CPU[0]:
         from ..lowering import cpu_kernels
 
         out = cpu_kernels.phase1(blocks, queries, gains, eps)
         if out is not None:
+            if _RECORDING:
+                _LAST_PHASE1[0] = NATIVE_CPU
             return out
+    if _RECORDING:
+        _LAST_PHASE1[0] = pytorch_path(blocks[0], "phase1")
     return _phase1_impl(blocks, queries, gains, eps)
 
 
 def _phase2_body(
     o: Tensor, m: Tensor, z: Tensor, partial: Optional[Tensor], query: Tensor, gain: Tensor, eps: float, scale: float
 ) -> Tensor:
-    _check_phase2(o, m, z, partial, query, gain, eps, scale)
-    if _dispatch.use_triton(o) and m.dtype == z.dtype == torch.float32:
-        from ..lowering import triton_kernels
-
-        return triton_kernels.phase2(o, m, z, partial, query, gain, eps, scale)
-    return _phase2_impl(o, m, z, partial, query, gain, eps, scale)
+    return _phase2(o, m, z, partial, query, gain, eps, scale, c_kernels=False)
 
 
 def _phase2_cpu(
     o: Tensor, m: Tensor, z: Tensor, partial: Optional[Tensor], query: Tensor, gain: Tensor, eps: float, scale: float
 ) -> Tensor:
+    return _phase2(o, m, z, partial, query, gain, eps, scale, c_kernels=True)
+
+
+def _phase2(o, m, z, partial, query, gain, eps, scale, *, c_kernels: bool) -> Tensor:
     _check_phase2(o, m, z, partial, query, gain, eps, scale)
-    if _dispatch.use_triton(o) and m.dtype == z.dtype == torch.float32:
+    f32_state = m.dtype == z.dtype == torch.float32
+    if f32_state and _dispatch.use_triton(o, "phase2"):
         from ..lowering import triton_kernels
 
+        if _RECORDING:
+            _record_two_phase(query, TRITON)
         return triton_kernels.phase2(o, m, z, partial, query, gain, eps, scale)
-    if _FAST_CPU[0] and m.dtype == z.dtype == torch.float32:
+    if c_kernels and _FAST_CPU[0] and f32_state:
         from ..lowering import cpu_kernels
 
         out = cpu_kernels.phase2(o, m, z, partial, query, gain, eps, scale)
         if out is not None:
+            if _RECORDING:
+                _record_two_phase(query, NATIVE_CPU)
             return out
+    if _RECORDING:
+        _record_two_phase(query, pytorch_path(o, "phase2") if f32_state else PYTORCH)
     return _phase2_impl(o, m, z, partial, query, gain, eps, scale)
+
+
+def _record_two_phase(query: Tensor, phase2: str) -> None:
+    phase1 = _LAST_PHASE1[0]
+    record_path(query, f"two-phase: {phase2}" if phase1 == phase2 else
+                    f"two-phase: phase1 {phase1}, phase2 {phase2}")
 
 
 _phase1_op = _dispatch.define_op("attnres::depth_attention_phase1", _phase1_body, _phase1_cpu)

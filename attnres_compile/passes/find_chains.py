@@ -209,9 +209,26 @@ def _from_trig_table(node: Node, depth: int = 24) -> bool:
         if cur in seen or d > depth:
             continue
         seen.add(cur)
-        if cur.op == "call_function" and cur.target in _TRIG:
+        if cur.op == "call_function" and (cur.target in _TRIG or _subgraph_has_trig(cur)):
             return True
         stack.extend((i, d + 1) for i in cur.all_input_nodes)
+    return False
+
+
+def _subgraph_has_trig(node: Node) -> bool:
+    """A higher-order op whose subgraph computes a cos or sin: torch 2.11's export keeps a
+    `@torch.no_grad()` forward (Hugging Face's rotary embedding) as `wrap_with_set_grad_enabled`
+    over a submodule, where 2.13 inlines it."""
+    if not isinstance(node.target, torch._ops.HigherOrderOperator):
+        return False
+    root = node.graph.owning_module
+    for arg in node.args:
+        if isinstance(arg, Node) and arg.op == "get_attr" and root is not None:
+            sub = getattr(root, str(arg.target), None)
+            graph = getattr(sub, "graph", None)
+            if graph is not None and any(n.op == "call_function" and (n.target in _TRIG or _subgraph_has_trig(n))
+                                         for n in graph.nodes):
+                return True
     return False
 
 

@@ -409,7 +409,7 @@ def call_site(node: Node) -> tuple[str, int, str, str] | None:
 
     Unlike `source_line`, torch's own files count: an add inside `nn.TransformerEncoderLayer`
     runs in torch/nn/modules/transformer.py, and that frame is where a converted model meets
-    it again at call time (passes/rewrite.py matches residual adds by this location).
+    it again at call time (runtime/ matches residual adds by this location).
     """
     trace = node.meta.get("stack_trace") or ""
     lines = [ln for ln in trace.strip().splitlines() if ln.strip()]

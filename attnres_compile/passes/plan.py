@@ -76,7 +76,8 @@ class AddSite:
     """Where one add of a residual link runs, as the converted model meets it at call time."""
 
     container: str            # path of the module whose forward (or a helper it calls) runs it
-    file: str                 # code file, as the running code object names it
+    file: str                 # code file relative to its module's folder (never an absolute path:
+    #                           plans travel in checkpoints); runtime/replay.py finds it again
     module_name: str | None   # the Python module of that file, to find it in another process
     line: int
     func: str
@@ -120,6 +121,12 @@ class ConversionPlan:
     chains: list[ChainPlan]
     version: int = PLAN_VERSION
     python: str = f"{sys.version_info[0]}.{sys.version_info[1]}"  # bytecode offsets are per version
+    # What a re-derivation needs when the model's code moved (runtime/replay.py): convert()'s
+    # options, the example inputs' structure (tensor shapes and dtypes, plain values), and the
+    # versions the plan was made under (for messages).
+    options: dict = field(default_factory=dict)
+    inputs: dict | None = None
+    versions: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready form (dtypes and devices as strings)."""
@@ -139,6 +146,7 @@ class ConversionPlan:
                 "links": [asdict(lk) for lk in c.links], "sites": sites,
             })
         return {"version": self.version, "model": self.model, "preserve": self.preserve, "python": self.python,
+                "options": dict(self.options), "inputs": self.inputs, "versions": dict(self.versions),
                 "chains": chains}
 
     @classmethod
@@ -164,7 +172,9 @@ class ConversionPlan:
                 ))
             chains.append(ChainPlan(index=c["index"], owner=c["owner"], block_size=c["block_size"],
                                     feature_axis=c["feature_axis"], dim=c["dim"], links=links, sites=sites))
-        return cls(model=d["model"], preserve=d["preserve"], chains=chains, python=d.get("python", ""))
+        return cls(model=d["model"], preserve=d["preserve"], chains=chains, python=d.get("python", ""),
+                   options=dict(d.get("options") or {}), inputs=d.get("inputs"),
+                   versions=dict(d.get("versions") or {}))
 
 
 def _add_site(d: dict) -> AddSite:
@@ -182,6 +192,20 @@ def _module_of_file(path: str) -> str | None:
         if f and f == path:
             return name
     return None
+
+
+def portable_file(path: str, module_name: str | None) -> str:
+    """`path` as a plan stores it: relative to the folder of its module (`modeling_llama.py`
+    for transformers.models.llama.modeling_llama), or to the working directory; generated code
+    ("<...>") as it is. Never absolute: a checkpoint must not carry the converting machine's paths."""
+    import os
+
+    if path.startswith("<") or not os.path.isabs(path):
+        return path
+    if module_name:
+        return os.path.basename(path)
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else os.path.basename(path)
 
 
 def add_site(add: Node, branch: Node, calls: dict | None = None) -> AddSite:
@@ -208,7 +232,8 @@ def add_site(add: Node, branch: Node, calls: dict | None = None) -> AddSite:
     first = add.args[0]
     branch_first = first is branch or (isinstance(first, Node) and first.target in COPY_OPS and first.args
                                        and first.args[0] is branch)  # `y = f(x).clone(); y += x`
-    return AddSite(container=container, file=path, module_name=_module_of_file(path), line=line,
+    module_name = _module_of_file(path)
+    return AddSite(container=container, file=portable_file(path, module_name), module_name=module_name, line=line,
                    func=func, code=code, stream_arg=1 if branch_first else 0,
                    inplace="add_" in str(add.target), lasti=lasti, cols=cols)
 
