@@ -276,7 +276,7 @@ def _warn_checkpoint_regions(runtime, report: ConversionReport) -> None:
     cannot re-enter the mode for a plain function's recompute in backward: warn, naming it."""
     import warnings
 
-    for ci, sublayer, func in getattr(report, "checkpointed", ()):
+    for ci, sublayer, func in report.checkpointed:
         if not runtime.chains[ci].watched:
             continue
         msg = (f"chain {ci}, sublayer {sublayer}: its residual add runs inside an activation checkpoint "

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from . import _dispatch
 
-__all__ = ["depth_attention", "plain_cpu_path", "record_site_paths", "site_path"]
+__all__ = ["depth_attention", "plain_cpu_path", "record_site_paths"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,14 +296,11 @@ def native_eager(sources: Sequence[object], query: object, norm_weight: object) 
     or C call."""
     if not _FAST_CPU[0] or torch.compiler.is_compiling():  # Dynamo folds this to True and traces nothing after
         return False
-    for t in sources:
+    for t in (*sources, query, norm_weight):
         if type(t) not in _PLAIN_TYPES or t.layout is not _STRIDED or not t.is_cpu or t.is_nested:
             return False
     if sources[0].dtype not in _NATIVE_DTYPES:
         return False
-    for t in (query, norm_weight):
-        if type(t) not in _PLAIN_TYPES or t.layout is not _STRIDED or not t.is_cpu or t.is_nested:
-            return False
     if (_len_dispatch_stack() or _functorch_active() or torch.jit.is_tracing()
             or _dispatch.triton_on_cpu_enabled()):    # (tests route CPU tensors to the Triton kernels)
         return False
@@ -373,10 +370,7 @@ def record_site_paths() -> Iterator[SitePaths]:
     try:
         yield rec
     finally:
-        for i, r in enumerate(_RECORDING):
-            if r is rec:
-                del _RECORDING[i]
-                break
+        _RECORDING.remove(rec)  # SitePaths compares by identity
 
 
 def record_path(query: Tensor, path: str) -> None:
@@ -388,24 +382,6 @@ def pytorch_path(t: Tensor, variant: str) -> str:
     """``"PyTorch"``, naming the disabled Triton kernel when its self-check made it so."""
     reason = _dispatch.triton_disabled_reason(t, variant)
     return PYTORCH if reason is None else f"{PYTORCH} (triton {variant} disabled: {reason})"
-
-
-def site_path(first: Tensor, query: Tensor | None = None, norm_weight: Tensor | None = None) -> str:
-    """Which implementation an eager site forward whose first source is ``first`` runs now
-    (the same decisions as :func:`depth_attention_call`; may run a kernel's first-use
-    self-check): ``"triton"``, ``"native CPU kernel"``, ``"PyTorch"`` or ``"PyTorch (triton
-    forward disabled: <reason>)"``. ``query``/``norm_weight`` default to plain tensors."""
-    params = (first if query is None else query, first if norm_weight is None else norm_weight)
-    if native_eager([first], *params):
-        return NATIVE_CPU
-    if _dispatch.use_triton(first, "forward"):
-        return TRITON
-    if first.is_cpu and _FAST_CPU[0] and first.dtype in _NATIVE_DTYPES:
-        from ..lowering import cpu_kernels
-
-        if cpu_kernels.available():
-            return NATIVE_CPU
-    return pytorch_path(first, "forward")
 
 
 _ENTRY: list = []

@@ -265,11 +265,10 @@ class AttnResRuntime:
             modules.setdefault(id(e.container), e.container)
             watched_modules.add(id(e.container))
             watched_modules.add(id(e.chain.owner))
-        code_slots: dict[tuple[int, str], list[tuple]] = {}
+        code_slots: set[tuple[int, str]] = set()  # (id(module), attr) recompiled: holds adds of unwatched chains
         for (mid, attr), slot in functions.items():
-            keep = [self.entries[i] for i in slot["entries"] if not self.entries[i].chain.watched]
-            if keep:
-                code_slots[(mid, attr)] = sorted({e.position for e in keep})
+            if any(not self.entries[i].chain.watched for i in slot["entries"]):
+                code_slots.add((mid, attr))
                 modules.setdefault(mid, slot["module"])
         for mid, m in modules.items():
             attrs = {attr for (k, attr) in code_slots if k == mid} | {"forward"}
@@ -278,12 +277,12 @@ class AttnResRuntime:
                 if isinstance(cur, _Planned):
                     raise PlanMismatchError(f"{type(m).__name__} at {_path_of(root, m)!r} is already converted "
                                             "by attnres_compile; convert the original model instead")
-                positions = code_slots.get((mid, attr))
+                recompiled = (mid, attr) in code_slots
                 chains = owned.get(mid, []) if attr == "forward" else []
                 is_watched = attr == "forward" and mid in watched_modules
-                if positions is None and not chains and not is_watched:
+                if not recompiled and not chains and not is_watched:
                     continue
-                planned = m.__dict__[attr] = _Planned(self, m, attr, chains, positions is not None, is_watched)
+                planned = m.__dict__[attr] = _Planned(self, m, attr, chains, recompiled, is_watched)
                 planned._fn = self._build_function(planned)
                 self.planned.append(planned)
         if self.watcher is not None:
