@@ -39,6 +39,12 @@ class LayoutChangedError(PlanMismatchError):
     model's structure. The message names the first difference."""
 
 
+class ParallelPlanError(AttnResError, ValueError):
+    """A tensor/sequence-parallel plan gives a depth-attention site sources it cannot read (e.g.
+    a stream sharded on its feature dimension between sublayers); the message names the site,
+    the source and its placement."""
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first non-empty line of an exception's message, shortened to `limit` characters."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]

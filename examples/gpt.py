@@ -150,6 +150,40 @@ class GPTHead(nn.Module):
         return self.lm_head(self.ln_f(h))
 
 
+def parallel_plans(mode: str) -> tuple[dict, dict]:
+    """`parallelize_module` plans for tensor ("tp") or sequence ("sp") parallelism: (the plan of
+    the whole model, the plan of each Block).
+
+    The attention's fused qkv projection is split by position into q, k and v, which a column
+    split would cut across, so the attention runs replicated and only the MLP is sharded
+    (column-wise in, row-wise out). "sp" also shards the residual stream on the sequence (dim 1)
+    between sublayers: the norms run on each rank's tokens, each sublayer gathers its input, the
+    MLP reduce-scatters its output back. The stream starts in GPT.forward (token plus position
+    embedding, the token table tied to lm_head), so the first Block shards it; lm_head gathers it."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                                   RowwiseParallel, SequenceParallel)
+
+    if mode == "tp":
+        return {}, {"mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
+    if mode != "sp":
+        raise ValueError(f"mode must be 'tp' or 'sp', got {mode!r}")
+    gather = (Shard(1),), (Replicate(),)
+    outer = {"transformer.h.0": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                                   use_local_output=False),
+             "transformer.ln_f": SequenceParallel(),
+             "lm_head": PrepareModuleInput(input_layouts=gather[0], desired_input_layouts=gather[1],
+                                           use_local_output=True)}
+    layer = {"ln_1": SequenceParallel(), "ln_2": SequenceParallel(),
+             "attn": PrepareModuleInput(input_layouts=gather[0], desired_input_layouts=gather[1], use_local_output=True),
+             "attn.c_proj": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
+                                                use_local_output=False),
+             "mlp": PrepareModuleInput(input_layouts=gather[0], desired_input_layouts=gather[1]),
+             "mlp.c_fc": ColwiseParallel(),
+             "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)}
+    return outer, layer
+
+
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; targets [B, T] int64 (-1 is ignored)."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

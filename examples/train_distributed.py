@@ -1,9 +1,11 @@
-"""Train a converted GPT on several processes with PyTorch's own engines (DDP or FSDP2).
+"""Train a converted GPT on several processes with PyTorch's own engines (DDP, FSDP2, TP, PP).
 
     torchrun --standalone --nproc-per-node 2 -m examples.train_distributed --mode ddp
     torchrun --standalone --nproc-per-node 2 -m examples.train_distributed --mode fsdp --bf16 --checkpointing
     torchrun --standalone --nproc-per-node 2 -m examples.train_distributed --mode fsdp --save ckpt_dir
     torchrun --standalone --nproc-per-node 2 -m examples.train_distributed --mode pp --stages-per-rank 2 --cache held
+    torchrun --standalone --nproc-per-node 2 -m examples.train_distributed --mode tp        # or --mode sp
+    torchrun --standalone --nproc-per-node 4 -m examples.train_distributed --mode fsdp_tp   # a (2, 2) mesh
 
 The model is examples/gpt.py converted with `attnres_compile.convert(num_blocks=4)`; the data
 is the byte corpus of examples/data.py, each rank drawing its own batches. `--mode fsdp` calls
@@ -16,7 +18,11 @@ number of ranks. `--mode pp` cuts the layers into ranks x `--stages-per-rank` st
 (`attnres_compile.pipeline_stages`, cross-stage block caching per `--cache`) and runs
 1F1B (`--stages-per-rank 1`) or interleaved 1F1B from torch.distributed.pipelining over `--microbatches`
 micro-batches of the batch (one batch, the same on every rank); the tied embedding's gradient is
-summed over the ranks that use it. CPU runs use gloo, GPU runs nccl. What was verified is in
+summed over the ranks that use it. `--mode tp` / `--mode sp` shard every layer's MLP over all
+ranks with `parallelize_module` (examples/gpt.py `parallel_plans`; sp also shards the residual
+stream on the sequence between sublayers, and the depth-attention sites run on each rank's
+tokens); all ranks see the same batches. `--mode fsdp_tp` runs that tensor-parallel plan inside
+FSDP2 on a (ranks / 2, 2) mesh, each data-parallel rank on its own batches. CPU runs use gloo, GPU runs nccl. What was verified is in
 docs/distributed.md.
 """
 
@@ -53,6 +59,8 @@ def parallelize(model: torch.nn.Module, args, device: torch.device) -> torch.nn.
         apply_activation_checkpointing(model, check_fn=lambda m: id(m) in ids)
         layers = [m for m in model.modules() if getattr(m, "_checkpoint_wrapped_module", None) is not None]
     model.to(device)
+    if args.mode in ("tp", "sp", "fsdp_tp"):
+        return tensor_parallel(model, args, device)
     if args.mode == "ddp":
         if args.bf16:
             raise SystemExit("--bf16 goes with --mode fsdp (its MixedPrecisionPolicy); under DDP use torch.autocast")
@@ -67,6 +75,61 @@ def parallelize(model: torch.nn.Module, args, device: torch.device) -> torch.nn.
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def tensor_parallel(model: torch.nn.Module, args, device: torch.device) -> torch.nn.Module:
+    """TP or SP over all ranks, or TP inside FSDP2 on a (world / 2, 2) mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from examples.gpt import parallel_plans
+
+    if args.bf16 or args.checkpointing:
+        raise SystemExit("--bf16 and --checkpointing go with --mode ddp/fsdp")
+    world = dist.get_world_size()
+    if args.mode == "fsdp_tp":
+        if world % 2:
+            raise SystemExit(f"--mode fsdp_tp needs an even number of ranks (a (ranks / 2, 2) mesh), got {world}")
+        mesh = init_device_mesh(device.type, (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        tp_mesh = mesh["tp"]
+    else:
+        tp_mesh = init_device_mesh(device.type, (world,))
+    outer, per_layer = parallel_plans("sp" if args.mode == "sp" else "tp")
+    if outer:
+        parallelize_module(model, tp_mesh, outer)
+    for layer in model.transformer.h:
+        parallelize_module(layer, tp_mesh, per_layer)
+    if args.mode == "fsdp_tp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.transformer.h:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def data_rank(args) -> int:
+    """Which batches this rank draws: its own under ddp/fsdp, its data-parallel group's under
+    fsdp_tp, the same everywhere under tp/sp (the ranks split the layers, not the batch)."""
+    if args.mode in ("tp", "sp"):
+        return 0
+    return dist.get_rank() // 2 if args.mode == "fsdp_tp" else dist.get_rank()
+
+
+def clip_grad_norm(params, max_norm: float) -> None:
+    """clip_grad_norm_ over plain and DTensor gradients together (the norm of a sharded gradient
+    is reduced over its ranks first)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.zeros((), device=grads[0].device) if grads else torch.zeros(())
+    for g in grads:
+        n = g.detach().norm()
+        total = total + (n.full_tensor() if isinstance(n, DTensor) else n) ** 2
+    coef = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0).item()
+    if coef < 1.0:
+        for g in grads:
+            g.detach().mul_(coef)
 
 
 def train_pipeline(args, corpus, rank: int, world: int, device: torch.device) -> int:
@@ -115,13 +178,20 @@ def train_pipeline(args, corpus, rank: int, world: int, device: torch.device) ->
     if rank == 0:
         merged = dict(sorted(kv for d in every for kv in d.items()))
         print(f"bytes sent per micro-batch by stage {merged}", flush=True)
-    dist.destroy_process_group()
+    shutdown()
     return 0
+
+
+def shutdown() -> None:
+    """Leave together: a rank that tears gloo down while another still talks to it can abort
+    ("terminate called without an active exception", about 1 run in 6 here without the barrier)."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="torchrun ... -m examples.train_distributed", description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=("ddp", "fsdp", "pp"), default="fsdp")
+    ap.add_argument("--mode", choices=("ddp", "fsdp", "pp", "tp", "sp", "fsdp_tp"), default="fsdp")
     ap.add_argument("--stages-per-rank", dest="virtual", type=int, default=1, help="pp: virtual stages per rank (2+: interleaved 1F1B)")
     ap.add_argument("--cache", choices=("held", "received", "none"), default="held",
                     help="pp: cross-stage block caching (docs/distributed.md)")
@@ -149,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return train_pipeline(args, corpus, rank, world, device)
     model = parallelize(build(args), args, device)
     opt = torch.optim.AdamW(param_groups(model.parameters(), 0.1), lr=args.lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(1000 + rank)          # each rank its own batches
+    gen = torch.Generator().manual_seed(1000 + data_rank(args))
     t0 = time.perf_counter()
     for step in range(args.steps):
         for g in opt.param_groups:
@@ -158,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_grad_norm(list(model.parameters()), 1.0)
         opt.step()
         mean = loss.detach().float().clone()
         dist.all_reduce(mean)
-        mean = mean.item() / world
+        mean = mean.item() / world             # under tp/sp every rank holds the same loss
         if not math.isfinite(mean):
             raise FloatingPointError(f"loss {mean} at step {step}")
         if rank == 0 and (step % 20 == 0 or step == args.steps - 1):
@@ -175,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         dcp.save(get_model_state_dict(model), checkpoint_id=args.save)
         if rank == 0:
             print(f"saved a torch.distributed.checkpoint to {args.save}", flush=True)
-    dist.destroy_process_group()
+    shutdown()
     return 0
 
 

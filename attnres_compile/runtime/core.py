@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..errors import PlanMismatchError
 from ..ops.depth_attention import depth_attention_call
+from ..ops.sharded import check_branch_placement, dtensor_type, sharded_depth_attention
 from ..passes.plan import AddSite, ChainPlan, ConversionPlan
 from . import codegen
 from .mode import ModeWatcher, wrap_checkpoint_funcs
@@ -402,7 +403,7 @@ class AttnResRuntime:
 
     def _two_phase_now(self, t: Tensor) -> bool:
         want = self.two_phase if self.two_phase is not None else t.is_cuda
-        if not want:  # first: the usual answer on CPU, at one attribute read per site
+        if not want or type(t) is not Tensor:  # first: the usual answer on CPU; subclasses (DTensor) run single-pass
             return False
         if torch.is_grad_enabled() or dynamo_compiling() or torch.compiler.is_exporting():
             return False
@@ -562,6 +563,9 @@ class AttnResRuntime:
         out = branches[0]
         for extra in branches[1:]:
             out = out + extra
+        if type(out) is not Tensor and _is_dtensor(out):
+            check_branch_placement(out, plan.feature_axis, lambda: f"sublayer {l} ({plan.links[l].sublayer}) of chain "
+                                   f"{plan.index}")
         if out.shape != canon:
             out = out.reshape(canon)
         new_partial = out if partial is None else partial + out
@@ -577,7 +581,7 @@ class AttnResRuntime:
         if j in chain.group_of and self._two_phase_now(sources[0]):
             h = _two_phase_site(chain, run, j, sources, plan.feature_axis)
         else:
-            h = site_output(site, sources, plan.feature_axis)
+            h = site_output(site, sources, plan.feature_axis, _Describe(chain, l, j))
         if not replay:
             if not dynamo_compiling() and torch.is_grad_enabled():
                 run.snaps.append((blocks, partial))
@@ -622,17 +626,57 @@ def _common_dtype(sources: list[Tensor]) -> list[Tensor]:
     return [s if s.dtype == dtype else s.to(dtype) for s in sources]
 
 
-def site_output(site, sources: list[Tensor], axis: int) -> Tensor:
-    """One site's output over `sources` (the identity for a site with one source)."""
+def site_output(site, sources: list[Tensor], axis: int, describe=None) -> Tensor:
+    """One site's output over `sources` (the identity for a site with one source).
+
+    describe(k) names source k and describe(None) the site, for the errors of DTensor sources."""
     if site is None:
         return sources[0]
     sources = _common_dtype(sources)
     if axis != -1:
         sources = [s.movedim(axis, -1) for s in sources]
-    h = depth_attention_call(sources, site.query, site.norm_weight, site.eps, site.scale)
+    for s in sources:
+        if type(s) is not Tensor and _is_dtensor(s):   # a tensor/sequence-parallel stream
+            h = sharded_depth_attention(sources, site.query, site.norm_weight, site.eps, site.scale,
+                                        describe=describe or _anonymous)
+            break
+    else:
+        h = depth_attention_call(sources, site.query, site.norm_weight, site.eps, site.scale)
     if axis != -1:
         h = h.movedim(-1, axis)
     return h
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    cls = dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def _anonymous(k: int | None) -> str:
+    return "a depth-attention site" if k is None else f"source {k}"
+
+
+class _Describe:
+    """describe(k) for the sources of the site read after link `l` of `chain`: names for
+    ParallelPlanError (built per site call, read only on error)."""
+
+    __slots__ = ("chain", "l", "j")
+
+    def __init__(self, chain: _ChainRuntime, l: int, j: int):
+        self.chain, self.l, self.j = chain, l, j
+
+    def __call__(self, k: int | None) -> str:
+        plan, l = self.chain.plan, self.l
+        links, bs = plan.links, plan.block_size
+        if k is None:
+            target = f"sublayer {self.j} ({links[self.j].sublayer})" if self.j < len(links) else "the final output"
+            return f"the depth-attention site of chain {plan.index} that feeds {target}"
+        if k == 0:
+            return "source 0 (the stream's start, b_0)"
+        closed = l + 1 == len(links) or (l + 1) % bs == 0
+        if not closed and k * bs > l:     # the last source: the block still being summed
+            return f"source {k} (the running sum of the current block, last added from {links[l].sublayer})"
+        return f"source {k} (block b_{k}, whose last branch is the output of {links[min(k * bs, len(links)) - 1].sublayer})"
 
 
 # -- helpers -------------------------------------------------------------------------------------
