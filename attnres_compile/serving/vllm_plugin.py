@@ -1,0 +1,188 @@
+"""vLLM plugin: serve a folder written by `converted.save_pretrained()` with no code from the user.
+
+    python -m vllm.entrypoints.openai.api_server --model DIR        # or vllm.LLM(DIR)
+
+Installed with the package, it is the `vllm.general_plugins` entry point `attnres`, which vLLM
+runs in every one of its processes. For a model folder whose config.json has an `attnres`
+section (the conversion plan) it
+
+* selects vLLM's Transformers modeling backend (`model_impl="transformers"`): vLLM builds the
+  Hugging Face model from the config and runs its decoder layers' own `forward`, the residual
+  adds included, on the flattened tokens of every scheduled request (batch 1, one sequence of
+  all tokens), after swapping its Linear, embedding and norm modules for vLLM's;
+* builds it as `AttnResTransformersForCausalLM` (or the MoE variant), vLLM's class plus the
+  plan: the plan's module paths (`model.layers.3`, ...) are those of the Hugging Face
+  `*ForCausalLM` the plan was made on, and the backend keeps the base model at `model`, so the
+  runtime installs on vLLM's model as on the user's; the AttnRes parameters load from the
+  checkpoint's `attnres.*` tensors;
+* puts the plan's hash into vLLM's `additional_config`, which vLLM's compile cache key covers,
+  so a compiled graph of the folder before it was converted, or under another plan, is never
+  served (tests/test_vllm.py serves a folder compiled, converts it, serves it again).
+
+Compiled mode (vLLM's default: Dynamo traces the decoder once and drops every guard) runs the
+sites in the traced graph: the runtime's decisions during that trace hold for every later call
+(single-pass sites, the `attnres::depth_attention` op), and the chain runs start and end in the
+decoder layers' recompiled forwards (vllm_models.py `_unwrap_owners`).
+
+Depth attention is per token, so flattened tokens, chunked prefill and continuous batching need
+nothing from the runtime: every request's tokens get their own mixtures. A folder without a plan
+takes vLLM's usual path untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from ..errors import AttnResError
+
+#: vLLM releases this plugin was tested with (tests/test_vllm.py, `make vllm-venv`).
+TESTED_VLLM = ("0.32.0",)
+_ARCHS = {"TransformersForCausalLM": "AttnResTransformersForCausalLM",
+          "TransformersMoEForCausalLM": "AttnResTransformersMoEForCausalLM"}
+logger = logging.getLogger("attnres_compile.vllm")
+_PATCHED: list = []
+
+
+class ServingError(AttnResError):
+    """A converted model cannot be served as asked (unknown vLLM, an architecture the
+    Transformers backend cannot build, a conflicting option); the message says which and why."""
+
+
+def plan_of_folder(model: object) -> dict | None:
+    """The `attnres` section of `model`'s config.json when `model` is a local folder, else None."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("attnres") or None
+    except (OSError, ValueError):
+        return None
+
+
+def check_vllm_version(version: str) -> None:
+    if version not in TESTED_VLLM:
+        raise ServingError(f"attnres_compile's vLLM plugin was tested with vLLM {', '.join(TESTED_VLLM)}, not {version}; "
+                           "it patches vLLM's engine arguments and model resolution, which change between releases: "
+                           "install a tested release (make vllm-venv) to serve a converted model")
+
+
+def check_architecture(config: dict) -> None:
+    """One error line naming the class and the reason when the Transformers backend cannot build it."""
+    import transformers
+
+    archs = config.get("architectures") or []
+    if not archs:
+        raise ServingError("config.json names no architecture; the plan needs the model's Hugging Face class")
+    cls = getattr(transformers, archs[0], None)
+    if cls is None:
+        raise ServingError(f"{archs[0]}: transformers {transformers.__version__} has no such class, so vLLM's Transformers "
+                           "backend cannot build it (a converted model is served through that backend)")
+    if not (cls.is_backend_compatible() or cls._can_set_attn_implementation()):
+        raise ServingError(f"{archs[0]}: its Transformers implementation cannot take vLLM's attention (it neither declares "
+                           "backend compatibility nor lets the attention implementation be set), so vLLM's Transformers "
+                           "backend cannot build it")
+
+
+def _prepare_engine_args(args) -> None:
+    """For a converted folder: the checks above, the Transformers backend, the plan for this
+    transformers release and in the compile cache key."""
+    plan = plan_of_folder(args.model)
+    if plan is None:
+        return
+    import vllm
+
+    check_vllm_version(vllm.__version__)
+    check_architecture(json.loads((Path(args.model) / "config.json").read_text()))
+    impl = str(getattr(args.model_impl, "value", args.model_impl))
+    if impl not in ("auto", "transformers"):
+        raise ServingError(f"{args.model} is a converted model (its config has an attnres plan), which runs only on vLLM's "
+                           f"Transformers backend; model_impl={impl!r} would build vLLM's own implementation, whose "
+                           "fused residual adds the plan cannot reach")
+    args.model_impl = "transformers"
+    fresh = current_plan(args.model, plan)
+    if fresh is not None:      # every vLLM process applies hf_overrides to the config it reads
+        overrides = args.hf_overrides
+        if callable(overrides):
+            args.hf_overrides = lambda config: _with_plan(overrides(config), fresh)
+        else:
+            args.hf_overrides = {**(overrides or {}), "attnres": fresh}
+    # vLLM's compile cache is keyed by its config hash. vLLM 0.32's already changes with the
+    # model's config (checked: two plans in one folder hash apart); the plan's hash goes into
+    # additional_config, which the key covers too, so the key holds the plan explicitly (a
+    # re-derived plan, a later vLLM) and a folder converted after a compiled run of it never
+    # gets the earlier graph.
+    digest = hashlib.sha256(json.dumps(fresh if fresh is not None else plan, sort_keys=True).encode())
+    extra = args.additional_config if isinstance(args.additional_config, dict) else {}
+    args.additional_config = {**extra, "attnres_plan": digest.hexdigest()}
+
+
+def _with_plan(config, plan: dict):
+    config.attnres = plan
+    return config
+
+
+def current_plan(folder, saved: dict) -> dict | None:
+    """None when the saved plan's lines are where this transformers release has them; else the
+    plan re-derived from this release's code (runtime/replay.py) with the saved layout, so the
+    checkpoint's AttnRes weights load unchanged. Both run on the checkpoint's own Hugging Face
+    class built on the meta device, here in the engine's first process: vLLM's workers build
+    the model inside the engine and decorate its classes for compilation, which a capture
+    cannot go through."""
+    import torch
+    import transformers
+
+    from ..errors import StalePlanError
+    from ..passes.plan import ConversionPlan
+    from ..runtime.replay import check, rederive
+
+    plan = ConversionPlan.from_dict(saved)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = getattr(transformers, config.architectures[0])(config)
+    try:
+        check(model, plan)
+        return None
+    except StalePlanError as exc:
+        logger.warning("attnres: %s was converted under another transformers release; re-deriving its plan for "
+                       "transformers %s", folder, transformers.__version__)
+        return rederive(model, plan, str(exc)).to_dict()
+
+
+def _backend_cls(original):
+    def _get_transformers_backend_cls(self) -> str:
+        name = original(self)
+        if getattr(self.hf_config, "attnres", None) is None:
+            return name
+        if name not in _ARCHS:
+            raise ServingError(f"{(self.architectures or ['?'])[0]}: vLLM would build it as {name}, which the attnres plugin "
+                               f"does not extend (only {', '.join(_ARCHS)}: causal language models)")
+        return _ARCHS[name]
+    _get_transformers_backend_cls.__attnres__ = True
+    return _get_transformers_backend_cls
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: runs in every vLLM process, before any model."""
+    if _PATCHED:
+        return
+    from vllm import ModelRegistry
+    from vllm.config.model import ModelConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    for name in _ARCHS.values():
+        ModelRegistry.register_model(name, f"attnres_compile.serving.vllm_models:{name}")
+    ModelConfig._get_transformers_backend_cls = _backend_cls(ModelConfig._get_transformers_backend_cls)
+    create = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        _prepare_engine_args(self)
+        return create(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = create_engine_config
+    _PATCHED.append(True)
