@@ -11,7 +11,7 @@ best of `--repeats`. Engines:
 
     unconverted, vLLM's own implementation (the default path), compiled and eager
     unconverted, vLLM's Transformers backend (model_impl="transformers"), compiled and eager
-    converted (the plugin: the Transformers backend, always eager; see docs/serving.md)
+    converted (the plugin: the Transformers backend), compiled and eager
 
 Ratios: converted over each unconverted engine at the same batch size. Run on an idle machine.
 """
@@ -92,10 +92,7 @@ def main(argv: list[str]) -> int:
         make_models(d)
         for name, folder, impl in engines:
             for eager in (False, True):
-                if folder == "converted" and not eager:
-                    label = "compiled asked (runs eager)"
-                else:
-                    label = "eager" if eager else "compiled"
+                label = "eager" if eager else "compiled"
                 job = {"model": str(d / folder), "model_impl": impl, "enforce_eager": eager, "repeats": repeats}
                 (d / "job.json").write_text(json.dumps(job))
                 env = dict(os.environ, VLLM_DISABLE_COMPILE_CACHE="1")
@@ -113,7 +110,7 @@ def main(argv: list[str]) -> int:
     for row in rows:
         if row["engine"].startswith("converted"):
             continue
-        mine = conv["eager"] if row["asked_enforce_eager"] else conv["compiled asked (runs eager)"]
+        mine = conv["eager"] if row["asked_enforce_eager"] else conv["compiled"]
         for b in BATCHES:
             key = f"converted / {row['engine']}, {row['mode']}, batch {b}"
             ratios[key] = mine[f"batch{b}"]["tokens_per_s"] / row[f"batch{b}"]["tokens_per_s"]
