@@ -118,7 +118,8 @@ def data_rank(args) -> int:
 
 def clip_grad_norm(params, max_norm: float) -> None:
     """clip_grad_norm_ over plain and DTensor gradients together (the norm of a sharded gradient
-    is reduced over its ranks first)."""
+    is reduced over its ranks first). torch.nn.utils.clip_grad_norm_ refuses the mix under
+    tp/sp ("aten._foreach_norm.Scalar got mixed torch.Tensor and DTensor")."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]

@@ -64,13 +64,17 @@ def check_branch_placement(branch: Tensor, feature_axis: int, where: Callable[[]
     """A sublayer's output (a DTensor) must not be sharded on the stream's features: the next
     site reads whole tokens, and DTensor would silently re-shard it (an all-to-all per add)."""
     feature = feature_axis % branch.ndim
-    for p in branch.placements:
-        if p.is_shard() and p.dim % branch.ndim == feature:
-            raise ParallelPlanError(
-                f"the output of {where()} is a DTensor with placements {tuple(branch.placements)}, which shards "
-                f"the residual stream's feature dimension (dim {feature}) between sublayers; depth-attention sites "
-                "need whole tokens: shard the stream on the sequence or batch instead (e.g. "
-                "RowwiseParallel(output_layouts=Shard(1)) on the sublayer's output projection), or keep it Replicate")
+    if _shards_dim(branch, feature):
+        raise ParallelPlanError(
+            f"the output of {where()} is a DTensor with placements {tuple(branch.placements)}, which shards "
+            f"the residual stream's feature dimension (dim {feature}) between sublayers; depth-attention sites "
+            "need whole tokens: shard the stream on the sequence or batch instead (e.g. "
+            "RowwiseParallel(output_layouts=Shard(1)) on the sublayer's output projection), or keep it Replicate")
+
+
+def _shards_dim(t: Tensor, dim: int) -> bool:
+    """Whether the DTensor `t` is sharded on its (non-negative) dimension `dim` on any mesh dim."""
+    return any(p.is_shard() and p.dim % t.ndim == dim for p in t.placements)
 
 
 def _aligned(sources: list[Tensor], describe: Callable[[int | None], str]) -> list[Tensor]:
@@ -86,14 +90,13 @@ def _aligned(sources: list[Tensor], describe: Callable[[int | None], str]) -> li
                 "a site must be a DTensor on the same mesh (parallelize the module that makes the stream start, "
                 "e.g. the embedding, with output_layouts and use_local_output=False)")
         feature = s.ndim - 1
-        for p in s.placements:
-            if p.is_shard() and p.dim % s.ndim == feature:
-                raise ParallelPlanError(
-                    f"{describe(None)}: {describe(k)} is a DTensor with placements {tuple(s.placements)}, which "
-                    f"shards the stream's feature dimension (dim {feature}); a depth-attention site needs whole "
-                    "tokens, so the stream between sublayers must be Replicate or Shard on the sequence or batch "
-                    "(e.g. RowwiseParallel(output_layouts=Shard(1)) on the sublayer's output projection, not "
-                    "ColwiseParallel)")
+        if _shards_dim(s, feature):
+            raise ParallelPlanError(
+                f"{describe(None)}: {describe(k)} is a DTensor with placements {tuple(s.placements)}, which "
+                f"shards the stream's feature dimension (dim {feature}); a depth-attention site needs whole "
+                "tokens, so the stream between sublayers must be Replicate or Shard on the sequence or batch "
+                "(e.g. RowwiseParallel(output_layouts=Shard(1)) on the sublayer's output projection, not "
+                "ColwiseParallel)")
     mesh = sources[last].device_mesh
     for k, s in enumerate(sources):
         if s.device_mesh != mesh:

@@ -8,14 +8,12 @@ Every scenario runs twice, on the converted model (queries and gains moved off t
 the mixtures are not uniform) and on the unconverted one (the control: a failure only in the
 converted run is the conversion's), each against the single-process run on the same batch
 computed on every rank. Each rank writes `<out_dir>/<scenario>_<model>.rank<r>.json`; the test
-asserts. Every collective times out after 60 s.
+asserts. Every collective times out after 60 s (worker.py's runner, which this one uses).
 """
 
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import sys
 import tempfile
 from collections import defaultdict
@@ -31,7 +29,6 @@ import attnres_compile as ac  # noqa: E402
 from examples.gpt import GPT, GPTConfig, GPTEmbed, GPTHead, loss_fn, parallel_plans  # noqa: E402
 from tests.models import perturb  # noqa: E402
 
-TIMEOUT = datetime.timedelta(seconds=60)
 VARIANTS = ("converted", "control")
 
 
@@ -472,38 +469,28 @@ def site(kind: str, rank: int) -> dict:
         return "no error"
 
     sharded = [distribute_tensor(t, mesh, [Shard(1)]) for t in whole]
+
+    def named(k):
+        return f"source {k}" if k is not None else "the site"
+
     return {
         "shard1": run([Shard(1)] * 3),
         "shard0": run([Shard(0)] * 3),
         "mixed": run([Shard(1), Replicate(), Partial()]),
         "replicate_query": run([Shard(1)] * 3, query_dtensor=True),
         "plain_source": refused(lambda: sharded_depth_attention([sharded[0], whole[1], sharded[2]], q, w, 1e-6, 1.0,
-                                                                describe=lambda k: f"source {k}" if k is not None else "the site")),
+                                                                describe=named)),
         "sharded_query": refused(lambda: sharded_depth_attention(sharded, distribute_tensor(q, mesh, [Shard(0)]), w, 1e-6,
-                                                                 1.0, describe=lambda k: f"source {k}" if k is not None else "the site")),
+                                                                 1.0, describe=named)),
         "feature_source": refused(lambda: sharded_depth_attention([*sharded[:2], distribute_tensor(whole[2], mesh, [Shard(2)])],
-                                                                  q, w, 1e-6, 1.0,
-                                                                  describe=lambda k: f"source {k}" if k is not None else "the site")),
+                                                                  q, w, 1e-6, 1.0, describe=named)),
     }
 
 
 SCENARIOS = {"site": site, "tp": tp, "sp": sp, "fsdp_tp": fsdp_tp, "pp_tp": pp_tp, "hf_tp": hf_tp}
 
 
-def main() -> int:
-    """argv: `<scenario>[,<scenario>...]:<model> <out_dir>`, e.g. `tp,sp:llama /tmp/out`."""
-    spec, out = sys.argv[1], Path(sys.argv[2])
-    names, kind = spec.split(":")
-    dist.init_process_group("gloo", timeout=TIMEOUT)
-    rank = dist.get_rank()
-    torch.set_num_threads(1)
-    for name in names.split(","):
-        result = SCENARIOS[name](kind, rank)
-        (out / f"{name}_{kind}.rank{rank}.json").write_text(json.dumps(result))
-        dist.barrier()
-    dist.destroy_process_group()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from worker import main      # the same runner as tests/distributed/worker.py (this folder is on sys.path)
+
+    sys.exit(main(SCENARIOS))

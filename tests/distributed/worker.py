@@ -291,15 +291,17 @@ def pipeline(kind: str, rank: int) -> dict:
 SCENARIOS = {"ddp": ddp, "fsdp": fsdp, "checkpointing": checkpointing, "dcp": dcp_save, "pipeline": pipeline}
 
 
-def main() -> int:
-    """argv: `<scenario>[,<scenario>...]:<model> <out_dir>`, e.g. `ddp,fsdp:gpt /tmp/out`."""
+def main(scenarios: dict = SCENARIOS) -> int:
+    """argv: `<scenario>[,<scenario>...]:<model> <out_dir>`, e.g. `ddp,fsdp:gpt /tmp/out`; each
+    scenario's result goes to `<out_dir>/<scenario>_<model>.rank<r>.json` (parallel_worker.py
+    runs its own table through this too)."""
     spec, out = sys.argv[1], Path(sys.argv[2])
     names, kind = spec.split(":")
     dist.init_process_group("gloo", timeout=TIMEOUT)
     rank = dist.get_rank()
     torch.set_num_threads(1)
     for name in names.split(","):
-        fn = SCENARIOS[name]
+        fn = scenarios[name]
         result = fn(kind, rank, out) if name == "dcp" else fn(kind, rank)
         (out / f"{name}_{kind}.rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
