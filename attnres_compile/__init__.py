@@ -23,6 +23,7 @@ from .lowering.onnx_generate import export_decoder, export_for_generation, ort_g
 from .report import ConversionReport
 from .checks import VerifyReport, verify
 from .pipeline import PipelineSplitError, pipeline_stages
+from .training import param_groups
 
 __all__ = [
     "convert",
@@ -31,6 +32,7 @@ __all__ = [
     "is_converted",
     "ChainInfo",
     "attnres_parameters",
+    "param_groups",
     "export_onnx",
     "export_decoder",
     "export_for_generation",

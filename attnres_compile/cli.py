@@ -848,16 +848,21 @@ def cmd_train(args, ui: UI) -> int:
     rest = [a for a in args.rest if a != "--"]
     # Run records go under the working directory (not into the package's checkout) unless --out says
     out = Path.cwd() / "attnres_runs"
-    if rest and rest[0] == "retrofit":   # examples/retrofit.py: `attnres train retrofit study|arm|pretrain|plot`
-        from examples.retrofit import main as retrofit_main
+    if rest and rest[0] == "retrofit":   # examples/retrofit.py: `attnres train retrofit study|recipe|arm|...`
+        from examples.retrofit import RECIPE_ARMS, main as retrofit_main
 
         rest = rest[1:]
-        if rest and rest[0] != "plot":
-            rest += [] if "--out" in rest else ["--out", str(out / "retrofit")]
-            rest += [] if "--states" in rest else ["--states", str(out / "retrofit" / "states")]
-        elif rest:
-            rest += [] if "--out" in rest else ["--out", str(out / "retrofit")]
+        sub = rest[0] if rest else None
+        recipe = sub in ("recipe", "recipe-plot") or any(a in RECIPE_ARMS for a in rest)
+        records = out / ("retrofit_recipe" if recipe else "retrofit")
+        if sub is not None:
+            rest += [] if "--out" in rest else ["--out", str(records)]
+        if sub in ("plot", "recipe-plot"):
             rest += [] if "--figures" in rest else ["--figures", str(out / "figures")]
+            if sub == "recipe-plot":
+                rest += [] if "--first" in rest else ["--first", str(out / "retrofit")]
+        elif sub is not None:
+            rest += [] if "--states" in rest else ["--states", str(out / "retrofit" / "states")]
         try:
             return retrofit_main(rest)
         except SystemExit as exc:

@@ -113,14 +113,14 @@ def build_model(cfg: RunConfig) -> tuple[torch.nn.Module, torch.Tensor]:
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     """nanoGPT groups for the model's own parameters, plus one group for the AttnRes ones."""
-    new = attnres_compile.attnres_parameters(model) if cfg.variant != "baseline" else {}
-    new_ids = {id(p) for p in new.values()}
-    groups = param_groups((p for p in model.parameters() if id(p) not in new_ids), cfg.weight_decay)
-    for g in groups:
-        g["lr_mult"] = 1.0
-    if new:
-        groups.append({"params": list(new.values()), "weight_decay": cfg.attnres_wd,
-                       "lr_mult": cfg.attnres_lr_mult})
+    if cfg.variant == "baseline":
+        groups = param_groups(model.parameters(), cfg.weight_decay)
+        for g in groups:
+            g["lr_mult"] = 1.0
+    else:
+        groups = attnres_compile.param_groups(model, cfg.lr, weight_decay=cfg.weight_decay,
+                                              attnres_lr_mult=cfg.attnres_lr_mult,
+                                              attnres_weight_decay=cfg.attnres_wd)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 

@@ -71,6 +71,58 @@ def test_summary_and_figures(tiny_study, tmp_path):
         f"retrofit_depth_weights_{a}.png" for a in ("exact", "adapter", "adapter_lora")}
 
 
+# -- the recipe study (issue 22) -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tiny_study):
+    out, states, first = tiny_study
+    recipe = out / "recipe"
+    records = {arm: retrofit.run_arm(retrofit.tiny_config(arm), recipe, states) for arm in retrofit.RECIPE_ARMS}
+    return recipe, out, first, records
+
+
+def test_recipe_arms_start_from_the_same_function_and_train_in_full(tiny_recipe):
+    _, _, first, records = tiny_recipe
+    ref = first["continue"]["retrofit_val_loss"]
+    for arm, r in records.items():
+        assert math.isclose(r["retrofit_val_loss"], ref, rel_tol=1e-5), arm
+        assert r["final_val_loss"] < r["retrofit_val_loss"] and r["base_max_abs_change"] > 0, arm
+        assert r["depth_weights"] and len(r["attnres_log"]) == r["config"]["steps"], arm
+
+
+def test_recipe_lr_multiplier_moves_the_queries_that_much_further(tiny_recipe):
+    """Adam moves a parameter by about its lr per step: 10x the rate, about 10x the distance."""
+    _, _, first, records = tiny_recipe
+    q = {arm: records[arm]["attnres_log"][-1]["query_norm"] for arm in ("lr10", "lr30", "lr100")}
+    exact_q = first["exact"]["attnres_log"][-1]["query_norm"]
+    assert 5 * exact_q < q["lr10"] < q["lr30"] < q["lr100"]
+
+
+def test_recipe_gated_arm_starts_biased_to_recency_and_its_gates_learn(tiny_recipe):
+    _, _, _, records = tiny_recipe
+    log = records["gated_recency"]["attnres_log"]
+    assert log[0]["gate"] == 0.0 and log[0]["query_norm"] > 0 and log[0]["query_grad_norm"] == 0.0
+    assert log[-1]["gate_abs_max"] > 0 and log[-1]["query_grad_norm"] > 0
+
+
+def test_recipe_schedule_ends_at_the_papers_scale(tiny_recipe):
+    _, _, _, records = tiny_recipe
+    assert set(records["to_paper"]["site_scales"].values()) == {1.0}
+    assert max(records["lr10"]["site_scales"].values()) > 1.0          # the others stay exact
+
+
+def test_recipe_summary_pairs_each_seed_with_continue(tiny_recipe, tmp_path):
+    recipe, out, _, records = tiny_recipe
+    summary = retrofit.plot_recipe(recipe, out, tmp_path)
+    assert set(summary["arms"]) == {"continue", "exact", *retrofit.RECIPE_ARMS}
+    cont = summary["arms"]["continue"]["final_val_loss"][0]
+    for arm, r in records.items():
+        assert summary["arms"][arm]["delta_vs_continue"][0] == pytest.approx(r["final_val_loss"] - cont)
+    assert summary["arms"]["exact"]["from_first_study"] == [True]
+    assert (tmp_path / "retrofit_recipe.png").stat().st_size > 0
+    assert (recipe / "summary.json").is_file()
+
+
 def test_arm_without_a_pretrained_baseline_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="examples.retrofit pretrain --seed 0"):
         retrofit.run_arm(retrofit.tiny_config("exact"), tmp_path, tmp_path / "none")
@@ -84,5 +136,9 @@ def test_cli_train_retrofit_writes_under_the_working_directory(tmp_path):
     rec = json.loads((tmp_path / "attnres_runs" / "retrofit" / "L2d32_adapter_s0.json").read_text())
     assert rec["base_max_abs_change"] == 0.0
     assert (tmp_path / "attnres_runs" / "retrofit" / "states" / "L2d32_pretrained_s0.pt").is_file()
+    r = _cli("train", "retrofit", "arm", "--arm", "lr10", "--tiny", cwd=tmp_path)   # a recipe arm, same states
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "attnres_runs" / "retrofit_recipe" / "L2d32_lr10_s0.json").read_text())
+    assert rec["config"]["attnres_lr_mult"] == 10.0 and rec["base_max_abs_change"] > 0
     r = _cli("train", "retrofit", "arm", "--arm", "nope", cwd=tmp_path)
     assert r.returncode == 2 and "invalid choice" in r.stderr

@@ -613,6 +613,9 @@ def _two_phase_site(chain: _ChainRuntime, run: _Run, j: int, sources: list[Tenso
     site = chain.sites[j]
     h = torch.ops.attnres.depth_attention_phase2.default(o[k], m[k], z[k], sources[-1], site.query,
                                                          site.norm_weight, site.eps, site.scale)
+    gate = getattr(site, "gate", None)   # absent on sites pickled before gates existed
+    if gate is not None:
+        h = _gated(gate, h, sources)
     if axis != -1:
         h = h.movedim(-1, axis)
     return h
@@ -642,9 +645,20 @@ def site_output(site, sources: list[Tensor], axis: int, describe=None) -> Tensor
             break
     else:
         h = depth_attention_call(sources, site.query, site.norm_weight, site.eps, site.scale)
+    gate = getattr(site, "gate", None)   # absent on sites pickled before gates existed
+    if gate is not None:
+        h = _gated(gate, h, sources)
     if axis != -1:
         h = h.movedim(-1, axis)
     return h
+
+
+def _gated(gate: Tensor, h: Tensor, sources: list[Tensor]) -> Tensor:
+    """h = a + gate * (h - a), a = the plain stream (the sum of the sources), in h's dtype."""
+    a = sources[0]
+    for s in sources[1:]:
+        a = a + s
+    return torch.lerp(a.to(h.dtype), h, gate.to(h.dtype))
 
 
 def _is_dtensor(t: Tensor) -> bool:
