@@ -137,6 +137,7 @@ def test_export_with_cache_writes_a_decoder_that_generates(cli):
     assert "GPT.forward takes no cache argument" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # 14 s (CI time); exit 1 itself is also checked by test_dynamic_export_shows_torchs_suggested_bounds
 def test_check_fails_with_wrong_site_count(cli):
     r = cli("check_wrong_sites")
     _ok(r, 1)
@@ -144,6 +145,7 @@ def test_check_fails_with_wrong_site_count(cli):
     assert "check FAILED" in r.stdout
 
 
+@pytest.mark.slow  # 32 s (CI time)
 def test_inspect_module_instance_with_input_shape(cli):
     r = cli("inspect")
     _ok(r)
