@@ -16,7 +16,7 @@ from .api import (
     save_attnres,
 )
 from .errors import (AttnResError, CaptureError, LayoutChangedError, ModeMismatchError, NoEligibleChainError,
-                     PlanMismatchError, StalePlanError)
+                     PlanFormatError, PlanMismatchError, StalePlanError)
 from .hf import from_pretrained
 from .lowering.onnx_export import export_onnx
 from .lowering.onnx_generate import export_decoder, export_for_generation, ort_generate
@@ -50,6 +50,7 @@ __all__ = [
     "NoEligibleChainError",
     "ModeMismatchError",
     "PlanMismatchError",
+    "PlanFormatError",
     "StalePlanError",
     "LayoutChangedError",
 ]

@@ -10,11 +10,14 @@ import torch
 from torch import nn
 
 from .capture import add_calls, capture, normalize_inputs, without_cache
-from .errors import ModeMismatchError, NoEligibleChainError
+from .errors import ModeMismatchError, NoEligibleChainError, PlanFormatError
 from .ops.site import DepthAttentionSite
 from .passes.find_chains import StreamAnalysis, analyse_streams
 from .passes.graph_utils import module_path, source_line
 from .passes.plan import ConversionPlan, SitePlan, chain_owner, chain_plan, plan_chain
+from .plan import read_plan
+from .plan.format import layout_difference, plan_layout, read_layout
+from .plan.limits import MAX_EPS, MAX_SUBLAYERS, MIN_EPS
 from .passes.graph_rewrite import rewrite_chain
 from .runtime import install
 from .passes.schedule import layer_structure, resolve_block_size
@@ -44,6 +47,8 @@ def _check_positive_int(name: str, value) -> None:
         raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    if value > MAX_SUBLAYERS:  # the saved plan's range (plan/limits.py)
+        raise ValueError(f"{name} must be <= {MAX_SUBLAYERS} (the most a saved plan holds), got {value}")
 
 
 def _validate(model, num_blocks, block_size, preserve, eps) -> None:
@@ -60,6 +65,8 @@ def _validate(model, num_blocks, block_size, preserve, eps) -> None:
     if eps is not None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"eps must be a positive float or None, got {eps!r}")
+        if not MIN_EPS <= eps <= MAX_EPS:  # the saved plan's range (plan/limits.py)
+            raise ValueError(f"eps must be in [{MIN_EPS:g}, {MAX_EPS:g}] (the range a saved plan holds), got {eps!r}")
 
 
 def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
@@ -113,7 +120,7 @@ def convert(model: nn.Module, example_inputs, *, kwargs: dict | None = None,
     work = copy.deepcopy(model)
     plan, report = derive_plan(work, args, kwargs, num_blocks=num_blocks, block_size=block_size,
                                preserve=preserve, eps=eps, dynamic=dynamic, filter_fn=filter_fn)
-    return apply_plan(work, plan, report=report)
+    return _install_plan(work, plan, report=report, trusted=True)
 
 
 def derive_plan(work: nn.Module, args: tuple, kwargs: dict, *, num_blocks, block_size, preserve, eps,
@@ -185,7 +192,7 @@ def _convert_graph_module(gm, args, kwargs, *, num_blocks, block_size, preserve,
     plan = ConversionPlan(model=name, preserve=preserve, chains=[
         chain_plan(chain, cp[0].chain, s, cp, root=out) for (chain, s), cp in zip(chains, plans)])
     params = _build_parameters(plan)
-    params.layout, params.plan, params.report = _plan_layout(plan), plan, report
+    params.layout, params.plan, params.report = plan_layout(plan), plan, report
     out.add_module("attnres", params)
     for (chain, s), chain_plans in zip(chains, plans):
         rewrite_chain(out, chain, chain_plans, s)
@@ -196,29 +203,40 @@ def _convert_graph_module(gm, args, kwargs, *, num_blocks, block_size, preserve,
     return out
 
 
-def apply_plan(model: nn.Module, plan: ConversionPlan, *, report: ConversionReport | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: ConversionPlan | dict, *, report: ConversionReport | None = None) -> nn.Module:
     """Install a conversion plan on `model` in place (no capture): the new parameters at their
-    initial values, the runtime that serves them. `convert()` and `from_pretrained()` use it;
-    call it on a model built like the one the plan was made for.
+    initial values, the runtime that serves them. `from_pretrained()` uses it; call it on a
+    model built like the one the plan was made for.
 
-    A saved plan whose lines moved (another version of the model's library) is re-derived from
-    the model's code first, and installed when it has the saved layout (runtime/replay.py);
+    `plan` is a ConversionPlan or its saved form (`plan.to_dict()`, read and validated by
+    plan/format.py). Its code is found only among the source files of `model`'s own classes:
+    a plan naming another module or file is refused (PlanFormatError), nothing it names is
+    imported. A plan whose lines moved (another version of the model's library) is re-derived
+    from the model's code first, and installed when it has the saved layout (runtime/replay.py);
     LayoutChangedError names the first difference otherwise."""
+    if not isinstance(plan, ConversionPlan):
+        plan = read_plan(plan)
+    return _install_plan(model, plan, report=report, trusted=False)
+
+
+def _install_plan(model: nn.Module, plan: ConversionPlan, *, report, trusted: bool) -> nn.Module:
+    """apply_plan; `trusted`: the plan was made in this process by convert() (runtime/replay.ModelCode)."""
     from .runtime.replay import install_saved
 
     if "attnres" in model._modules or hasattr(type(model), "attnres"):
         raise TypeError(f"{type(model).__name__} already has an attribute 'attnres'; cannot convert it")
-    plan = install_saved(model, plan)
+    if not trusted:
+        plan = install_saved(model, plan)
     if type(model) is nn.Sequential:
         # Sequential runs every child in order: one that skips the attnres child (same class otherwise)
         model.__class__ = AttnResSequential
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     params = _build_parameters(plan, device=ref.device if ref is not None else None)
-    params.layout = _plan_layout(plan)
+    params.layout = plan_layout(plan)
     model.add_module("attnres", params)
     params.plan = plan
     params.report = report
-    params.runtime = install(model, plan, params)
+    params.runtime = install(model, plan, params, trusted=trusted)
     if report is not None:
         report.installed = params.runtime.installed()
         _warn_checkpoint_regions(params.runtime, report)
@@ -437,27 +455,18 @@ class AttnResParameters(nn.Module):
         return torch.frombuffer(bytearray(json.dumps(self.layout).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
-        if isinstance(state, torch.Tensor):
-            import json
-
-            state = json.loads(bytes(state.cpu().tolist()).decode())
         if state is None or self.layout is None:
             return
-        if state["chains"] != self.layout["chains"]:
-            raise ValueError(f"AttnRes weights in this state_dict were made for another layout "
-                             f"({state.get('model')}): {_layout_diff(state, self.layout)}")
-
-
-def _layout_diff(saved: dict, mine: dict) -> str:
-    diffs = []
-    for i, (a, b) in enumerate(zip(saved["chains"], mine["chains"])):
-        if a["block_size"] != b["block_size"]:
-            diffs.append(f"chain {i}: block_size {a['block_size']} in the file, {b['block_size']} here")
-        if a["num_sublayers"] != b["num_sublayers"]:
-            diffs.append(f"chain {i}: {a['num_sublayers']} sublayers in the file, {b['num_sublayers']} here")
-    if len(saved["chains"]) != len(mine["chains"]):
-        diffs.append(f"{len(saved['chains'])} chains in the file, {len(mine['chains'])} here")
-    return "; ".join(diffs) or "the sites differ"
+        if isinstance(state, torch.Tensor):
+            if state.dtype != torch.uint8 or state.dim() != 1:
+                raise PlanFormatError(f"attnres._extra_state: a {state.dtype} tensor of shape {list(state.shape)}, "
+                                      "not the uint8 JSON of an AttnRes layout", field="attnres._extra_state")
+            state = bytes(state.cpu().tolist())
+        state = read_layout(state, "attnres._extra_state")
+        diff = layout_difference(state, self.layout)
+        if diff is not None:
+            raise PlanFormatError(f"AttnRes weights in this state_dict were made for another layout "
+                                  f"({state['model']}): {diff}", field="attnres._extra_state")
 
 
 def _build_parameters(plan: ConversionPlan, device=None) -> nn.Module:
@@ -582,18 +591,6 @@ def _layout_of(converted: nn.Module) -> dict:
     return own.layout
 
 
-def _plan_layout(plan: ConversionPlan) -> dict:
-    return {
-        "model": plan.model,
-        "preserve": plan.preserve,
-        "chains": [
-            {"block_size": c.block_size, "num_sublayers": len(c.links),
-             "sites": {s.name: s.schedule.num_sources for s in c.sites if s.param_prefix}}
-            for c in plan.chains
-        ],
-    }
-
-
 def attnres_state_dict(converted: nn.Module) -> dict[str, torch.Tensor]:
     """The AttnRes parameters alone (`attnres.chain<c>.<site>.{query,norm_weight}`), detached."""
     return {n: p.detach() for n, p in _own_parameters(converted).items()}
@@ -620,45 +617,51 @@ def save_attnres(converted: nn.Module, path) -> None:
 def read_attnres_file(path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The tensors of a safetensors file from `save_attnres` and the layout it was saved for
     (None when the file carries none); `tensors=False` reads the layout alone."""
-    import json
-
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         weights = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-    return weights, (json.loads(meta["attnres_layout"]) if "attnres_layout" in meta else None)
+    raw = meta.get("attnres_layout")
+    return weights, (read_layout(raw, "attnres_layout", str(path)) if raw is not None else None)
 
 
 def load_attnres_state_dict(converted: nn.Module, weights) -> None:
     """Load AttnRes parameters (a dict, or a safetensors file from save_attnres) into `converted`.
 
-    Raises ValueError naming the mismatch when the weights were made for another layout
-    (other block size, other model, other sites or widths).
+    Raises PlanFormatError (a ValueError) naming the mismatch when the weights were made for
+    another layout (other block size, other model, other sites, widths or eps), or hold
+    tensors that are not finite floats.
     """
     own = _own_parameters(converted)
     layout = None
     if not isinstance(weights, dict):
         weights, layout = read_attnres_file(weights)
     if layout is not None:
-        mine = _layout_of(converted)
-        if layout["chains"] != mine["chains"]:
-            raise ValueError(
-                f"AttnRes weights were saved for another layout ({layout['model']}): {_layout_diff(layout, mine)}"
-            )
+        diff = layout_difference(layout, _layout_of(converted))
+        if diff is not None:
+            raise PlanFormatError(f"AttnRes weights were saved for another layout ({layout['model']}): {diff}",
+                                  field="attnres_layout")
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     if missing or unexpected:
-        raise ValueError(
+        raise PlanFormatError(
             "AttnRes weights do not fit this model: "
             + (f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}" if missing else "")
             + ("; " if missing and unexpected else "")
-            + (f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}" if unexpected else "")
-        )
-    bad = [f"{n}: {tuple(weights[n].shape)} in the weights, {tuple(p.shape)} here"
-           for n, p in own.items() if tuple(weights[n].shape) != tuple(p.shape)]
+            + (f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}" if unexpected else ""),
+            field=(missing or unexpected)[0])
+    bad = [n for n, p in own.items() if tuple(weights[n].shape) != tuple(p.shape)]
     if bad:
-        raise ValueError("AttnRes weights have the wrong shapes: " + "; ".join(bad[:4]))
+        raise PlanFormatError("AttnRes weights have the wrong shapes: " + "; ".join(
+            f"{n}: {tuple(weights[n].shape)} in the weights, {tuple(own[n].shape)} here" for n in bad[:4]), field=bad[0])
+    for n in own:
+        t = weights[n]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            what = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            raise PlanFormatError(f"AttnRes weight {n}: {what}" + (" with NaN or infinite values" if isinstance(
+                t, torch.Tensor) and t.is_floating_point() else "") + "; AttnRes parameters are finite floats",
+                field=n)
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(weights[n].to(dtype=p.dtype, device=p.device))

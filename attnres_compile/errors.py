@@ -39,6 +39,17 @@ class LayoutChangedError(PlanMismatchError):
     model's structure. The message names the first difference."""
 
 
+class PlanFormatError(AttnResError, ValueError):
+    """A saved plan (or the AttnRes weights beside it) is not a valid plan of a format this
+    package reads: a field of the wrong type or out of range, fields that disagree, a digest
+    that does not match, code named outside the model's own classes, weights of another layout.
+    The message names the field (`chains[0].sites[3].eps`); `field` holds it."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
+
+
 class ParallelPlanError(AttnResError, ValueError):
     """A tensor/sequence-parallel plan gives a depth-attention site sources it cannot read (e.g.
     a stream sharded on its feature dimension between sublayers); the message names the site,

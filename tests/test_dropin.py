@@ -13,6 +13,7 @@ called the way its users call it. Two references:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import os
 import subprocess
@@ -27,6 +28,7 @@ import torch
 import attnres_compile as ac
 from attnres_compile.capture import capture
 from attnres_compile.ops.reference import depth_attention_reference
+from attnres_compile.plan.schedule import block_schedule
 
 from .models import architectures, main_output, perturb, rel_err
 
@@ -684,8 +686,14 @@ def test_a_saved_plan_finds_the_models_code_by_module_and_rederives_when_it_move
     """A plan made in another environment names its files relative to their Python module and
     is found again through it; a plan whose lines no longer hold the adds (the library moved
     them) is re-derived from the model's code, with one warning, and serves the saved weights
-    unchanged; a plan of another structure is refused naming the first difference."""
+    unchanged; a plan of another structure is refused naming the first difference. (The
+    edited plans are sealed again with their digest, as a library upgrade's would be: an edit
+    alone is refused, tests/test_plan_format.py.)"""
     from attnres_compile.passes.plan import ConversionPlan
+    from attnres_compile.plan.format import plan_digest
+
+    def sealed(doc):
+        return {**doc, "digest": plan_digest(doc)}
 
     model = build("llama")
     conv = perturb(ac.convert(model, (IDS,), preserve="exact", num_blocks=2))
@@ -703,6 +711,7 @@ def test_a_saved_plan_finds_the_models_code_by_module_and_rederives_when_it_move
     for c in moved["chains"]:
         for lk in c["links"]:
             lk["add"]["line"] += 3  # as if the library had inserted three lines above every layer
+    moved = sealed(moved)
     with pytest.warns(UserWarning, match=r"names code that moved \(chain 0, sublayer 0: the plan expects "
                                          r"`hidden_states = residual \+ hidden_states` at modeling_llama.py:\d+"):
         fresh = ac.apply_plan(build("llama"), ConversionPlan.from_dict(moved))
@@ -713,10 +722,16 @@ def test_a_saved_plan_finds_the_models_code_by_module_and_rederives_when_it_move
 
     other = copy.deepcopy(moved)
     other["chains"][0]["links"][3]["sublayer"] = "model.layers.1.feed_forward"
+    other["chains"][0]["sites"][3]["module"] = "model.layers.1.feed_forward"
+    other = sealed(other)
     with pytest.raises(ac.LayoutChangedError, match=r"chain 0, sublayer 3: 'model.layers.1.feed_forward' when saved, "
                                                     r"'model.layers.1.mlp' now"):
         ac.apply_plan(build("llama"), ConversionPlan.from_dict(other))
     deeper = copy.deepcopy(moved)
     deeper["chains"][0]["block_size"] = 4
+    deeper["chains"][0]["sites"] = [dict(s, schedule=dataclasses.asdict(want), scale=float(want.num_sources),
+                                         param_prefix=None if want.num_sources == 1 else f"attnres.chain0.{s['name']}")
+                                    for s, want in zip(deeper["chains"][0]["sites"], block_schedule(4, 4))]
+    deeper = sealed(deeper)
     with pytest.raises(ac.LayoutChangedError, match="chain 0: block size 4 when saved, 2 now"):
         ac.apply_plan(build("llama"), ConversionPlan.from_dict(deeper))

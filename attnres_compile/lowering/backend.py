@@ -26,7 +26,6 @@ with the partial-sum add before it or the norm after it, `passes/fuse_epilogues.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 
@@ -50,13 +49,12 @@ def _inductor(gm, example_inputs):
 
 
 def _layout_from_weights(weights) -> dict | None:
+    """The layout saved with a weights file (validated: plan/format.py), None for a dict or none."""
     if isinstance(weights, dict) or weights is None:
         return None
-    from safetensors import safe_open
+    from ..api import read_attnres_file
 
-    with safe_open(str(weights), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta["attnres_layout"]) if "attnres_layout" in meta else None
+    return read_attnres_file(weights, tensors=False)[1]
 
 
 def _convert_unconverted(gm, example_inputs, options: dict):

@@ -1,50 +1,22 @@
-"""The conversion plan: what `convert()` decided, fixed once and served at every call.
+"""Building the conversion plan (plan/types.py) from the chains found on a captured graph.
 
-The match step (find_chains.py) runs on a captured graph; the plan it leads to names
-everything by things that outlive that graph:
-
-* each residual add by where it runs: the module whose forward runs it (its path in the
-  model), the code location (file, line, and the line's text, checked when a plan is installed
-  again), and which operand carries the stream;
-* each chain by the module that owns it (the innermost module on the call stack of every
-  link), its block size, feature axis and width;
-* each site by its sources, eps, scale and parameter name.
-
-So one plan serves every call structure of the model (other keywords, shapes, modes, dtypes,
-caches), every later capture of it (torch.export, torch.compile, ONNX) and a saved model
-loaded in another process (`to_dict` / `from_dict`: JSON, stored in a Hugging Face config).
+The match step (find_chains.py) runs on a captured graph; this names what it found by things
+that outlive the graph: modules by path, adds by file, line and text, sites by schedule.
+The plan's classes are re-exported here for code and pickles that name them at this path.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
-
-import torch
 from torch.fx import Node
 
+from ..plan.schedule import SiteSchedule, block_schedule
+from ..plan.types import AddSite, ChainPlan, ConversionPlan, LinkPlan, SitePlan
 from .find_chains import Chain
 from .graph_utils import COPY_OPS, call_site, module_path, static_int, tensor_meta
-from .schedule import SiteSchedule, block_schedule
 
-PLAN_VERSION = 1
-
-
-@dataclass
-class SitePlan:
-    """One depth-attention site of a chain (reported, and used to build its parameters)."""
-
-    chain: int
-    name: str                 # "site3" or "final"
-    schedule: SiteSchedule
-    eps: float
-    scale: float
-    module: str               # sublayer module path ("" for final)
-    dim: int
-    dtype: torch.dtype
-    device: torch.device
-    param_prefix: str | None  # "attnres.chain0.site3" or None for an identity site
-    reads: list[str] = field(default_factory=list)  # captured nodes that read the site's output
+__all__ = ["AddSite", "ChainPlan", "ConversionPlan", "LinkPlan", "SitePlan", "SiteSchedule", "add_site",
+           "chain_owner", "chain_plan", "link_plan", "plan_chain", "portable_file"]
 
 
 def plan_chain(chain: Chain, chain_index: int, block_size: int, *, preserve: str,
@@ -69,119 +41,6 @@ def plan_chain(chain: Chain, chain_index: int, block_size: int, *, preserve: str
             param_prefix=None if m == 1 else f"attnres.chain{chain_index}.{name}",
         ))
     return plans
-
-
-@dataclass(frozen=True)
-class AddSite:
-    """Where one add of a residual link runs, as the converted model meets it at call time."""
-
-    container: str            # path of the module whose forward (or a helper it calls) runs it
-    file: str                 # code file relative to its module's folder (never an absolute path:
-    #                           plans travel in checkpoints); runtime/replay.py finds it again
-    module_name: str | None   # the Python module of that file, to find it in another process
-    line: int
-    func: str
-    code: str                 # the line's text: a plan installed on other code is refused
-    stream_arg: int           # 0 or 1: the operand that carries the stream
-    inplace: bool
-    lasti: int | None = None  # bytecode offset of the add (a line may hold several); None: any
-    cols: tuple[int, int] | None = None  # its column span, for Dynamo (whose offsets differ)
-
-    def where(self) -> str:
-        short = "/".join(self.file.split("/")[-2:])
-        return f"{short}:{self.line} in {self.func}: {self.code}"
-
-
-@dataclass(frozen=True)
-class LinkPlan:
-    add: AddSite                       # produces the next stream value
-    absorbed: tuple[AddSite, ...] = ()  # inner adds of a parallel residual, in run order
-    sublayer: str = ""                 # the sublayer's module path (for messages)
-
-
-@dataclass
-class ChainPlan:
-    index: int
-    owner: str                 # module path whose forward runs the whole chain
-    block_size: int
-    feature_axis: int          # -1, or 1 for channels-first (NCHW) streams
-    dim: int
-    links: list[LinkPlan]
-    sites: list[SitePlan]
-
-    def site_for(self, sublayer: int | None) -> SitePlan:
-        """The site that feeds sublayer `sublayer` (None: the final consumer)."""
-        return self.sites[-1] if sublayer is None else self.sites[sublayer]
-
-
-@dataclass
-class ConversionPlan:
-    model: str                 # class name of the converted model
-    preserve: str
-    chains: list[ChainPlan]
-    version: int = PLAN_VERSION
-    python: str = f"{sys.version_info[0]}.{sys.version_info[1]}"  # bytecode offsets are per version
-    # What a re-derivation needs when the model's code moved (runtime/replay.py): convert()'s
-    # options, the example inputs' structure (tensor shapes and dtypes, plain values), and the
-    # versions the plan was made under (for messages).
-    options: dict = field(default_factory=dict)
-    inputs: dict | None = None
-    versions: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (dtypes and devices as strings)."""
-        chains = []
-        for c in self.chains:
-            sites = []
-            for s in c.sites:
-                sd = asdict(s)
-                sd["schedule"] = asdict(s.schedule)
-                sd["dtype"] = str(s.dtype).replace("torch.", "")
-                sd["device"] = str(s.device)
-                sd.pop("reads", None)
-                sites.append(sd)
-            chains.append({
-                "index": c.index, "owner": c.owner, "block_size": c.block_size,
-                "feature_axis": c.feature_axis, "dim": c.dim,
-                "links": [asdict(lk) for lk in c.links], "sites": sites,
-            })
-        return {"version": self.version, "model": self.model, "preserve": self.preserve, "python": self.python,
-                "options": dict(self.options), "inputs": self.inputs, "versions": dict(self.versions),
-                "chains": chains}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ConversionPlan:
-        if not isinstance(d, dict) or "chains" not in d:
-            raise ValueError("not an attnres conversion plan (expected a dict with 'chains')")
-        if d.get("version") != PLAN_VERSION:
-            raise ValueError(f"attnres plan version {d.get('version')!r} is not supported "
-                             f"(this attnres_compile reads version {PLAN_VERSION})")
-        chains = []
-        for c in d["chains"]:
-            links = [LinkPlan(add=_add_site(lk["add"]), absorbed=tuple(_add_site(a) for a in lk["absorbed"]),
-                              sublayer=lk.get("sublayer", "")) for lk in c["links"]]
-            sites = []
-            for s in c["sites"]:
-                sched = s["schedule"]
-                sites.append(SitePlan(
-                    chain=s["chain"], name=s["name"],
-                    schedule=SiteSchedule(sched["sublayer"], sched["block"], tuple(sched["sources"])),
-                    eps=float(s["eps"]), scale=float(s["scale"]), module=s["module"], dim=int(s["dim"]),
-                    dtype=getattr(torch, s["dtype"]), device=torch.device(s["device"]),
-                    param_prefix=s["param_prefix"],
-                ))
-            chains.append(ChainPlan(index=c["index"], owner=c["owner"], block_size=c["block_size"],
-                                    feature_axis=c["feature_axis"], dim=c["dim"], links=links, sites=sites))
-        return cls(model=d["model"], preserve=d["preserve"], chains=chains, python=d.get("python", ""),
-                   options=dict(d.get("options") or {}), inputs=d.get("inputs"),
-                   versions=dict(d.get("versions") or {}))
-
-
-def _add_site(d: dict) -> AddSite:
-    d = dict(d)
-    if d.get("cols") is not None:
-        d["cols"] = tuple(d["cols"])  # JSON has lists
-    return AddSite(**d)
 
 
 # -- from a captured chain ---------------------------------------------------------------------

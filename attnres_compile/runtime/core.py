@@ -42,7 +42,7 @@ from ..ops.sharded import check_branch_placement, dtensor_type, sharded_depth_at
 from ..passes.plan import AddSite, ChainPlan, ConversionPlan
 from . import codegen
 from .mode import ModeWatcher, wrap_checkpoint_funcs
-from .replay import locate
+from .replay import ModelCode, add_field, locate
 from .state import START, CallStacks, _Run, _Tag, _set_start, dynamo_compiling, get_tag, in_backward, set_tag
 
 
@@ -199,13 +199,14 @@ def _bound_call(target):
 class AttnResRuntime:
     """The installed plan of one converted model (`converted.attnres.runtime`)."""
 
-    def __init__(self, root: nn.Module, plan: ConversionPlan, params: nn.Module):
+    def __init__(self, root: nn.Module, plan: ConversionPlan, params: nn.Module, *, trusted: bool = False):
         self.plan = plan
         self.model_name = plan.model
         self.chains: list[_ChainRuntime] = []
         self.entries: list[_Entry] = []
+        code = ModelCode(root.modules(), trusted=trusted)
         for cp in plan.chains:
-            owner = _module_at(root, cp.owner, f"chain {cp.index}'s owner")
+            owner = _module_at(root, cp.owner, f"chains[{cp.index}].owner")
             sites = []
             chain_params = getattr(params, f"chain{cp.index}", None)
             for sp in cp.sites:
@@ -215,8 +216,8 @@ class AttnResRuntime:
             for li, link in enumerate(cp.links):
                 for k, add in enumerate([*link.absorbed, link.add]):
                     inner = k if k < len(link.absorbed) else -1
-                    container = _module_at(root, add.container, f"chain {cp.index}, sublayer {li}")
-                    add = locate(add, container, cp.index, li)
+                    container = _module_at(root, add.container, add_field(cp.index, li, inner) + ".container")
+                    add = locate(add, container, cp.index, li, code, inner)
                     self.entries.append(_Entry(container, chain, li, inner, add))
         self.root = root
         self.stale = None  # set on unpickling where a planned line moved: re-derived at the first call
@@ -342,13 +343,15 @@ class AttnResRuntime:
 
         self.__dict__.update(state)
         entries = []
+        # A pickle is trusted (it can run code anyway): its modules may be any this process imported.
+        code = ModelCode([c for c, *_ in state["entries"]], trusted=True)
         for container, ci, li, inner in state["entries"]:
             chain = self.chains[ci]
             link = chain.plan.links[li]
             add = link.add if inner == -1 else link.absorbed[inner]
             if self.stale is None:
                 try:
-                    add = locate(add, container, ci, li)
+                    add = locate(add, container, ci, li, code, inner)
                 except StalePlanError as exc:
                     self.stale = str(exc)
             entries.append(_Entry(container, chain, li, inner, add))
@@ -382,7 +385,7 @@ class AttnResRuntime:
                 plan = rederive(root, self.plan, self.stale)
             finally:
                 root._modules["attnres"] = params
-            runtime = AttnResRuntime(root, plan, params)
+            runtime = AttnResRuntime(root, plan, params, trusted=True)
             params.plan, params.runtime = plan, runtime
             config = getattr(root, "config", None)
             if config is not None and hasattr(config, "to_dict"):
@@ -699,11 +702,11 @@ def _python() -> str:
     return f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 
-def _module_at(root: nn.Module, path: str, what: str) -> nn.Module:
+def _module_at(root: nn.Module, path: str, field: str) -> nn.Module:
     try:
         return root.get_submodule(path) if path else root
     except AttributeError as exc:
-        raise PlanMismatchError(f"the plan names module {path!r} for {what}, which {type(root).__name__} "
+        raise PlanMismatchError(f"the plan's field {field} names module {path!r}, which {type(root).__name__} "
                                 f"does not have") from exc
 
 
@@ -714,6 +717,8 @@ def _path_of(root: nn.Module, m: nn.Module) -> str:
     return "?"
 
 
-def install(root: nn.Module, plan: ConversionPlan, params: nn.Module) -> AttnResRuntime:
-    """Install `plan` on `root` (mutates it: call on a private copy). Returns the runtime."""
-    return AttnResRuntime(root, plan, params)
+def install(root: nn.Module, plan: ConversionPlan, params: nn.Module, *, trusted: bool = False) -> AttnResRuntime:
+    """Install `plan` on `root` (mutates it: call on a private copy). Returns the runtime.
+
+    trusted: the plan was made in this process (replay.ModelCode: what its adds may name)."""
+    return AttnResRuntime(root, plan, params, trusted=trusted)

@@ -4,8 +4,9 @@ A plan names each residual add by module, file (relative to its module's folder)
 line's text. A checkpoint outlives the library version it was saved under: when `transformers`
 edits a modeling file, the planned lines move. So installing a saved plan
 
-1. `locate`s every add: finds its file in this process (the module the plan names, or a class
-   of the module that runs it) and checks the line still holds the planned code;
+1. `locate`s every add: finds its file among the source files of the model's own classes (the
+   module the plan names must be one of theirs: nothing a plan names is imported, opened or
+   run) and checks the line still holds the planned code;
 2. when a line no longer matches (`StalePlanError`), `rederive`s the plan from the model's
    code as it is now: captures the freshly built model again (from example inputs rebuilt from
    the shapes and dtypes the plan recorded, or, for a Hugging Face model, from `input_ids`
@@ -19,9 +20,9 @@ edits a modeling file, the planned lines move. So installing a saved plan
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import linecache
+import math
 import os
 import sys
 import warnings
@@ -29,8 +30,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import LayoutChangedError, PlanMismatchError, StalePlanError
+from ..errors import LayoutChangedError, PlanFormatError, PlanMismatchError, StalePlanError
 from ..passes.plan import AddSite, ConversionPlan
+from ..plan.limits import MAX_INPUT_DEPTH, MAX_INT, MAX_NAME, MAX_TENSOR_DIMS, MAX_TENSOR_NUMEL, MAX_TEXT
 
 
 # -- 1. locate ---------------------------------------------------------------------------------
@@ -39,50 +41,91 @@ def _matches(path: str, rel: str) -> bool:
     return path == rel or path.endswith(os.sep + rel) or os.path.basename(path) == os.path.basename(rel)
 
 
-def _candidate_files(add: AddSite, container: nn.Module | None):
-    """Files in this process that may be the plan's `add.file`, best first."""
-    if add.module_name:
-        mod = sys.modules.get(add.module_name)
-        if mod is None and add.module_name != "__main__":
-            try:
-                mod = importlib.import_module(add.module_name)
-            except Exception:  # noqa: BLE001 -- any import failure: the module is not here
-                mod = None
-        f = getattr(mod, "__file__", None)
+class ModelCode:
+    """The code a plan may name: the source files and Python modules of the model's own classes
+    (every class in the MRO of every module of the model, which the user's code already built
+    and imported). A saved plan is located only among them: nothing it names is imported,
+    opened or run. A plan made in this process (`trusted`: convert(), a re-derivation, an
+    unpickled model, whose pickle is trusted already) may also name a module this process has
+    imported (a free function's module), still without importing anything."""
+
+    def __init__(self, modules, *, trusted: bool = False):
+        self.trusted = trusted
+        self.by_module: dict[str, str] = {}
+        self._seen: set[int] = set()
+        for m in modules:
+            for klass in type(m).__mro__:
+                self._add(klass)
+
+    def _add(self, klass) -> None:
+        if id(klass) in self._seen:
+            return
+        self._seen.add(id(klass))
+        try:
+            f = inspect.getsourcefile(klass)
+        except (TypeError, OSError):
+            f = None
         if f:
-            yield os.path.abspath(f)
-    if container is not None:
-        for klass in type(container).__mro__:
-            try:
-                f = inspect.getsourcefile(klass)
-            except (TypeError, OSError):
-                f = None
-            if f:
-                yield os.path.abspath(f)
-    if not os.path.isabs(add.file):
-        yield os.path.abspath(add.file)
-    else:  # a plan written before paths were stored relative
-        yield add.file
+            self.by_module.setdefault(klass.__module__, os.path.abspath(f))
+
+    def find(self, add: AddSite, container: nn.Module | None, field: str) -> str | None:
+        """The file of this process that holds `add`, or None when the plan's module is not the
+        model's but could be (a trusted plan whose module is not imported)."""
+        if container is not None:
+            for klass in type(container).__mro__:
+                self._add(klass)
+        if add.module_name:
+            path = self.by_module.get(add.module_name)
+            if path is None and self.trusted:
+                path = getattr(sys.modules.get(add.module_name), "__file__", None)
+            if path is None:
+                if self.trusted:
+                    return None
+                raise PlanFormatError(
+                    f"the attnres plan's field {field}.module_name: {add.module_name!r} is not the module of any class "
+                    f"of the model (they are in {_listed(self.by_module)}); a plan finds code only through the model's "
+                    "own classes, and imports nothing it names", field=f"{field}.module_name")
+            if not _matches(path, add.file):
+                raise PlanFormatError(
+                    f"the attnres plan's field {field}.file: {add.file!r}, but module {add.module_name}'s file is "
+                    f"{os.path.basename(path)}", field=f"{field}.file")
+            return path
+        found = [p for p in self.by_module.values() if _matches(p, add.file)]
+        if not found and self.trusted and os.path.exists(os.path.abspath(add.file)):
+            found = [os.path.abspath(add.file)]
+        if not found:
+            raise PlanFormatError(
+                f"the attnres plan's field {field}.file: {add.file!r} is not the source file of any class of the model "
+                f"(their modules: {_listed(self.by_module)}); a plan finds code only through the model's own classes",
+                field=f"{field}.file")
+        return next((p for p in found if p.endswith(os.sep + add.file) or p == add.file), found[0])
 
 
-def locate(add: AddSite, container: nn.Module | None, chain: int, link: int) -> AddSite:
+def _listed(by_module: dict) -> str:
+    names = sorted(n for n in by_module if not n.startswith("torch."))
+    return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "") if names else "none"
+
+
+def add_field(chain: int, link: int, inner: int = -1) -> str:
+    """The plan field of an add: `chains[c].links[l].add`, or `.absorbed[k]` of a parallel link."""
+    return f"chains[{chain}].links[{link}]." + ("add" if inner == -1 else f"absorbed[{inner}]")
+
+
+def locate(add: AddSite, container: nn.Module | None, chain: int, link: int, code: ModelCode,
+           inner: int = -1) -> AddSite:
     """The plan's add with its file as this process names it, checked to still hold the code.
 
-    Raises StalePlanError when the file is found but the line changed (or the file is gone
-    while the module is here), PlanMismatchError when the module itself is missing."""
+    Raises PlanFormatError when the plan names code outside the model's classes,
+    StalePlanError when the file is the model's but the line changed (or the file is gone),
+    PlanMismatchError when a trusted plan's module is not in this process."""
     if add.file.startswith("<"):  # generated code (an fx GraphModule): nothing to find or check
         return add
-    path = next((f for f in _candidate_files(add, container) if _matches(f, add.file) and os.path.exists(f)),
-                None)
+    path = code.find(add, container, add_field(chain, link, inner))
     if path is None:
-        if add.module_name and add.module_name != "__main__" and add.module_name.split(".")[0] not in sys.modules:
-            try:
-                importlib.import_module(add.module_name.split(".")[0])
-            except ImportError as exc:
-                raise PlanMismatchError(
-                    f"chain {chain}, sublayer {link}: the plan's residual add is in module {add.module_name}, "
-                    f"which this environment does not have ({exc}); install the library the model was "
-                    "converted with") from exc
+        raise PlanMismatchError(
+            f"chain {chain}, sublayer {link}: the plan's residual add is in module {add.module_name}, which is not "
+            "imported in this process; import the library the model was converted with")
+    if not os.path.exists(path):
         raise StalePlanError(f"chain {chain}, sublayer {link}: the plan's residual add is in {add.file} "
                              f"(module {add.module_name or 'unknown'}), which this environment does not have")
     text = linecache.getline(path, add.line).strip()
@@ -92,30 +135,39 @@ def locate(add: AddSite, container: nn.Module | None, chain: int, link: int) -> 
     return dataclasses.replace(add, file=path)
 
 
-def check(root: nn.Module, plan: ConversionPlan) -> None:
+def check(root: nn.Module, plan: ConversionPlan, code: ModelCode | None = None) -> None:
     """Locate every add of `plan` on `root`; raises StalePlanError at the first that moved."""
+    code = code if code is not None else ModelCode(root.modules())
     for cp in plan.chains:
         for li, lk in enumerate(cp.links):
-            for add in (*lk.absorbed, lk.add):
+            for k, add in enumerate((*lk.absorbed, lk.add)):
                 try:
                     container = root.get_submodule(add.container) if add.container else root
                 except AttributeError:
                     container = None  # install names the missing module
-                locate(add, container, cp.index, li)
+                locate(add, container, cp.index, li, code, inner=k if k < len(lk.absorbed) else -1)
 
 
 # -- 2. re-derive --------------------------------------------------------------------------------
 
-def input_spec(value):
-    """A JSON-able description of one example input (tensor shape and dtype, or a plain value)."""
+def input_spec(value, depth: int = 1):
+    """A JSON-able description of one example input (tensor shape and dtype, or a plain value);
+    what a saved plan cannot hold (plan/limits.py) is recorded as unsupported."""
+    if depth > MAX_INPUT_DEPTH:
+        return {"unsupported": "nested too deep"}
     if isinstance(value, torch.Tensor):
+        if value.dim() > MAX_TENSOR_DIMS or value.numel() > MAX_TENSOR_NUMEL:
+            return {"unsupported": f"tensor of shape {list(value.shape)}"}
         return {"tensor": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+    if isinstance(value, float) and not math.isfinite(value) or isinstance(value, int) and abs(value) >= MAX_INT \
+            or isinstance(value, str) and len(value) > MAX_TEXT:
+        return {"unsupported": type(value).__name__}
     if value is None or isinstance(value, (bool, int, float, str)):
         return {"value": value}
     if isinstance(value, (list, tuple)):
-        return {"list" if isinstance(value, list) else "tuple": [input_spec(v) for v in value]}
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {"dict": {k: input_spec(v) for k, v in value.items()}}
+        return {"list" if isinstance(value, list) else "tuple": [input_spec(v, depth + 1) for v in value]}
+    if isinstance(value, dict) and all(isinstance(k, str) and len(k) <= MAX_NAME for k in value):
+        return {"dict": {k: input_spec(v, depth + 1) for k, v in value.items()}}
     return {"unsupported": type(value).__name__}
 
 

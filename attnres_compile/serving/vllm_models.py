@@ -13,7 +13,7 @@ import torch
 from vllm.model_executor.models.transformers import TransformersForCausalLM, TransformersMoEForCausalLM
 
 from ..api import _find_params, apply_plan
-from ..passes.plan import ConversionPlan
+from ..errors import PlanFormatError
 
 _PREFIX = "attnres."
 
@@ -23,9 +23,8 @@ class _AttnResMixin:
 
     def _install_attnres(self) -> None:
         # the plugin re-derived it in the engine's first process if this transformers release
-        # moved the planned lines (vllm_plugin.current_plan), and handed it over in hf_overrides
-        plan = ConversionPlan.from_dict(self.config.attnres)
-        apply_plan(self, plan)
+        # moved the planned lines (vllm_plugin.serving_plan), and handed it over in hf_overrides
+        apply_plan(self, self.config.attnres)  # read and validated in full (plan/format.py)
         _find_params(self).to(device=next(self.model.parameters()).device, dtype=self.model_config.dtype)
         _unwrap_owners(self)
 
@@ -44,8 +43,12 @@ class _AttnResMixin:
                     own.set_extra_state(tensor)
                     continue
                 if key not in params:
-                    raise ValueError(f"checkpoint tensor {name} is not an AttnRes parameter of the installed plan "
-                                     f"(it has {sorted(params)[:4]} ...)")
+                    raise PlanFormatError(f"checkpoint tensor {name} is not an AttnRes parameter of the installed plan "
+                                          f"(it has {sorted(params)[:4]} ...)", field=name)
+                if tuple(tensor.shape) != tuple(params[key].shape) or not tensor.is_floating_point() \
+                        or not torch.isfinite(tensor).all():
+                    raise PlanFormatError(f"checkpoint tensor {name}: {tensor.dtype} {list(tensor.shape)}, the plan "
+                                          f"needs finite floats of shape {list(params[key].shape)}", field=name)
                 with torch.no_grad():
                     params[key].copy_(tensor.to(params[key].dtype))
                 loaded.add(name)
@@ -53,7 +56,7 @@ class _AttnResMixin:
         loaded |= super().load_weights(others())
         missing = sorted(_PREFIX + k for k in params if _PREFIX + k not in loaded)
         if missing:
-            raise ValueError(f"the checkpoint lacks AttnRes weights the plan needs: {missing[:4]}")
+            raise PlanFormatError(f"the checkpoint lacks AttnRes weights the plan needs: {missing[:4]}", field=missing[0])
         return loaded
 
 

@@ -31,7 +31,6 @@ takes vLLM's usual path untouched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -92,8 +91,7 @@ def check_architecture(config: dict) -> None:
 def _prepare_engine_args(args) -> None:
     """For a converted folder: the checks above, the Transformers backend, the plan for this
     transformers release and in the compile cache key."""
-    plan = plan_of_folder(args.model)
-    if plan is None:
+    if plan_of_folder(args.model) is None:
         return
     import vllm
 
@@ -105,21 +103,20 @@ def _prepare_engine_args(args) -> None:
                            f"Transformers backend; model_impl={impl!r} would build vLLM's own implementation, whose "
                            "fused residual adds the plan cannot reach")
     args.model_impl = "transformers"
-    fresh = current_plan(args.model, plan)
-    if fresh is not None:      # every vLLM process applies hf_overrides to the config it reads
+    plan, moved = serving_plan(args.model)
+    if moved:      # every vLLM process applies hf_overrides to the config it reads
         overrides = args.hf_overrides
         if callable(overrides):
-            args.hf_overrides = lambda config: _with_plan(overrides(config), fresh)
+            args.hf_overrides = lambda config: _with_plan(overrides(config), plan)
         else:
-            args.hf_overrides = {**(overrides or {}), "attnres": fresh}
+            args.hf_overrides = {**(overrides or {}), "attnres": plan}
     # vLLM's compile cache is keyed by its config hash. vLLM 0.32's already changes with the
-    # model's config (checked: two plans in one folder hash apart); the plan's hash goes into
+    # model's config (checked: two plans in one folder hash apart); the plan's digest goes into
     # additional_config, which the key covers too, so the key holds the plan explicitly (a
     # re-derived plan, a later vLLM) and a folder converted after a compiled run of it never
     # gets the earlier graph.
-    digest = hashlib.sha256(json.dumps(fresh if fresh is not None else plan, sort_keys=True).encode())
     extra = args.additional_config if isinstance(args.additional_config, dict) else {}
-    args.additional_config = {**extra, "attnres_plan": digest.hexdigest()}
+    args.additional_config = {**extra, "attnres_plan": plan["digest"].removeprefix("sha256:")}
 
 
 def _with_plan(config, plan: dict):
@@ -127,31 +124,38 @@ def _with_plan(config, plan: dict):
     return config
 
 
-def current_plan(folder, saved: dict) -> dict | None:
-    """None when the saved plan's lines are where this transformers release has them; else the
-    plan re-derived from this release's code (runtime/replay.py) with the saved layout, so the
-    checkpoint's AttnRes weights load unchanged. Both run on the checkpoint's own Hugging Face
-    class built on the meta device, here in the engine's first process: vLLM's workers build
-    the model inside the engine and decorate its classes for compilation, which a capture
-    cannot go through."""
+def serving_plan(folder) -> tuple[dict, bool]:
+    """The plan to serve the converted folder with, and whether it was re-derived.
+
+    The folder's plan is data: read and validated in full and checked against its AttnRes
+    weights (hf.checkpoint_plan), then located on the checkpoint's own Hugging Face class built
+    on the meta device, here in the engine's first process (vLLM's workers build the model
+    inside the engine and decorate its classes for compilation, which a capture cannot go
+    through). Where this transformers release moved the planned lines, the plan is re-derived
+    from its code with the saved layout (runtime/replay.py), so the checkpoint's AttnRes weights
+    load unchanged. Nothing the plan names is imported. Raises the library's errors."""
     import torch
     import transformers
 
     from ..errors import StalePlanError
-    from ..passes.plan import ConversionPlan
+    from ..hf import _model_class, checkpoint_plan
     from ..runtime.replay import check, rederive
 
-    plan = ConversionPlan.from_dict(saved)
+    doc = plan_of_folder(folder)
+    plan = checkpoint_plan(folder, doc)
     config = transformers.AutoConfig.from_pretrained(folder)
+    cls = _model_class(config, None)
+    if plan.model != cls.__name__:
+        raise ServingError(f"the attnres plan in {folder} was made for {plan.model}, but config.json names {cls.__name__}")
     with torch.device("meta"):
-        model = getattr(transformers, config.architectures[0])(config)
+        model = cls(config)
     try:
         check(model, plan)
-        return None
+        return plan.to_dict(), False
     except StalePlanError as exc:
         logger.warning("attnres: %s was converted under another transformers release; re-deriving its plan for "
                        "transformers %s", folder, transformers.__version__)
-        return rederive(model, plan, str(exc)).to_dict()
+        return rederive(model, plan, str(exc)).to_dict(), True
 
 
 def _backend_cls(original):
