@@ -102,9 +102,9 @@ test-vllm: venv vllm-venv
 # there and loaded in .venv-compat (another Python, torch and transformers). PyPI's torch 2.11.0
 # is a CUDA build (about 5 GB in the venv with its nvidia-* libraries); it runs on the CPU.
 # What it found and the package now handles: torch 2.11's wrap_triton refuses the interpreter's
-# kernels, Triton 3.6's interpreter cannot index with numpy 2 (lowering/triton_kernels.py,
+# kernels, Triton 3.6's interpreter cannot index with numpy 2 (ops/kernels/triton_launch.py,
 # triton_interpret.py), torch 2.11's export keeps a no_grad rotary table in a submodule
-# (passes/find_chains.py). About 7 minutes.
+# (convert/find_chains.py). About 7 minutes.
 MATRIX_PYTHON ?= /root/.pyenv/versions/3.12.1/bin/python3.12
 MATRIX_VENV   ?= .venv-matrix
 MATRIX_PINS   := benchmarks/gpu-machine-versions.txt

@@ -18,11 +18,11 @@ from .api import (
 from .errors import (AttnResError, CaptureError, LayoutChangedError, ModeMismatchError, NoEligibleChainError,
                      PlanFormatError, PlanMismatchError, StalePlanError)
 from .hf import from_pretrained
-from .lowering.onnx_export import export_onnx
-from .lowering.onnx_generate import export_decoder, export_for_generation, ort_generate
-from .report import ConversionReport
+from .onnx.export import export_onnx
+from .onnx.decoder import export_decoder, export_for_generation, ort_generate
+from .convert.report import ConversionReport
 from .checks import VerifyReport, verify
-from .pipeline import PipelineSplitError, pipeline_stages
+from .parallel.pipeline import PipelineSplitError, pipeline_stages
 from .training import param_groups
 
 __all__ = [

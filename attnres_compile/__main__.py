@@ -1,4 +1,4 @@
-"""`python -m attnres_compile ...` runs the `attnres` command line (see attnres_compile/cli.py)."""
+"""`python -m attnres_compile ...` runs the `attnres` command line (see attnres_compile/cli/__init__.py)."""
 
 import sys
 

@@ -9,19 +9,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .capture import add_calls, capture, normalize_inputs, without_cache
+from .convert.capture import add_calls, capture, normalize_inputs, without_cache
 from .errors import ModeMismatchError, NoEligibleChainError, PlanFormatError
 from .ops.site import DepthAttentionSite
-from .passes.find_chains import StreamAnalysis, analyse_streams
-from .passes.graph_utils import module_path, source_line
-from .passes.plan import ConversionPlan, SitePlan, chain_owner, chain_plan, plan_chain
+from .convert.find_chains import StreamAnalysis, analyse_streams
+from .convert.graph_utils import module_path, source_line
+from .convert.build import ConversionPlan, SitePlan, chain_owner, chain_plan, plan_chain
 from .plan import read_plan
 from .plan.format import layout_difference, plan_layout, read_layout
 from .plan.limits import MAX_EPS, MAX_SUBLAYERS, MIN_EPS
-from .passes.graph_rewrite import rewrite_chain
+from .convert.graph_rewrite import rewrite_chain
 from .runtime import install
-from .passes.schedule import layer_structure, resolve_block_size
-from .report import ChainReport, ConversionReport, LeftAloneReport, SiteReport
+from .convert.blocks import layer_structure, resolve_block_size
+from .convert.report import ChainReport, ConversionReport, LeftAloneReport, SiteReport
 
 PRESERVE_MODES = ("scale", "exact")
 
@@ -178,7 +178,7 @@ def derive_plan(work: nn.Module, args: tuple, kwargs: dict, *, num_blocks, block
 
 def _convert_graph_module(gm, args, kwargs, *, num_blocks, block_size, preserve, eps, filter_fn):
     """A torch.fx GraphModule (e.g. the graph Dynamo hands the `attnres` backend) is its own
-    program: its captured ATen graph is rewritten node by node (passes/graph_rewrite.py) and
+    program: its captured ATen graph is rewritten node by node (convert/graph_rewrite.py) and
     returned, with the AttnRes parameters as its `attnres` submodule."""
     name = type(gm).__name__
     cap = capture(gm, args, kwargs, training=gm.training, dynamic=False)
@@ -271,7 +271,7 @@ class AttnResSequential(nn.Sequential):
 
 
 def _restore_forward(model: nn.Module) -> None:
-    """Undo capture's keyword-naming forward on the private copy (capture.py)."""
+    """Undo capture's keyword-naming forward on the private copy (convert/capture.py)."""
     fwd = model.__dict__.get("forward")
     if fwd is not None and hasattr(fwd, "_attnres_wrapped"):
         del model.forward
@@ -437,7 +437,7 @@ class AttnResParameters(nn.Module):
     block size, other model) into a conversion fails with the mismatch named."""
 
     layout: dict | None = None
-    plan: ConversionPlan | None = None   # what convert() decided (passes/plan.py)
+    plan: ConversionPlan | None = None   # what convert() decided (convert/build.py)
     report: object = None                # the ConversionReport (None after from_pretrained)
     runtime: object = None               # the installed plan (runtime/)
 

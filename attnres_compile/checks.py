@@ -114,11 +114,11 @@ def onnx_parity(proto, module, args: tuple, kwargs: dict, *, fused: bool = False
     fused: run the session with the fused DepthAttention kernel registered (`ort_session`)."""
     import onnxruntime as ort
 
-    from .capture import without_cache
+    from .convert.capture import without_cache
 
     kwargs = without_cache(module, kwargs)
     if fused:
-        from .lowering.onnx_export import ort_session
+        from .onnx.export import ort_session
 
         session = ort_session(proto, fused=True)
     else:
@@ -303,7 +303,7 @@ def check_gradients(converted, args: tuple, kwargs: dict) -> Check:
 def check_onnx(converted, args: tuple, kwargs: dict, limit: float) -> Check:
     """Export a copy with random queries to ONNX; onnxruntime against PyTorch."""
     from .api import attnres_parameters
-    from .lowering.onnx_export import count_depth_attention_nodes, export_onnx
+    from .onnx.export import count_depth_attention_nodes, export_onnx
 
     model = copy.deepcopy(converted).eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -331,7 +331,7 @@ def check_onnx(converted, args: tuple, kwargs: dict, limit: float) -> Check:
 def check_generation(original, converted, args: tuple, new_tokens: int) -> Check:
     """Greedy tokens from the example prompt: the original, the converted model (generate()) and
     its decoder with past in onnxruntime must agree (exact mode at step 0)."""
-    from .lowering.onnx_generate import export_decoder, ort_generate
+    from .onnx.decoder import export_decoder, ort_generate
 
     if not callable(getattr(converted, "generate", None)):
         return Check("generation", False, None, None, f"{type(converted).__name__} has no generate(): not a "
@@ -370,7 +370,7 @@ def verify(converted, example_inputs, *, kwargs: dict | None = None, original=No
     (`VerifyReport.site_paths`, `VerifyReport.info()`; information, not a check).
     """
     from .api import is_converted
-    from .capture import normalize_inputs
+    from .convert.capture import normalize_inputs
 
     if not is_converted(converted):
         raise TypeError(f"verify expects a model converted by attnres_compile.convert(), got {type(converted).__name__}")
@@ -401,7 +401,7 @@ def verify(converted, example_inputs, *, kwargs: dict | None = None, original=No
                 report.site_paths = site_paths(converted, args, kwargs)
             except Exception as exc:
                 report.site_paths_error = f"not recorded: the forward raised {type(exc).__name__}: {_first_line(exc)}"
-    from .lowering import selfcheck
+    from .ops.kernels import selfcheck
 
     report.kernel_selfcheck = selfcheck.status()
     return report

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnres_compile as ac  # noqa: E402
-from attnres_compile.lowering.onnx_generate import _export_decoder  # noqa: E402
+from attnres_compile.onnx.decoder import _export_decoder  # noqa: E402
 from bench_models import time_pair  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -13,7 +13,7 @@ it, so a busy machine moves both):
   outputs; baseline ``clone()`` (also allocates).
 * ``kernel``: the same kernel writing into preallocated outputs; baseline ``copy_()`` into a
   preallocated tensor.
-* CPU: the native kernels built at install (``attnres_compile._C``, ``lowering/cpu_kernels.py``;
+* CPU: the native kernels built at install (``attnres_compile._C``, ``ops/kernels/cpu.py``;
   ``--isa`` picks a build), the plain PyTorch implementation of
   the op, and the naive stacked reference (``ops/reference.py``); with ``--inductor`` also
   ``torch.compile`` of the reference formula.
@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attnres_compile.lowering import cpu_kernels  # noqa: E402
+from attnres_compile.ops.kernels import cpu as cpu_kernels  # noqa: E402
 from attnres_compile.ops import depth_attention_reference  # noqa: E402
 from attnres_compile.ops.depth_attention import (  # noqa: E402
     _depth_attention_backward_impl,

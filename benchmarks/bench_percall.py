@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attnres_compile.lowering import cpu_kernels  # noqa: E402
+from attnres_compile.ops.kernels import cpu as cpu_kernels  # noqa: E402
 from attnres_compile.ops import depth_attention  # noqa: E402
 from attnres_compile.ops.depth_attention import plain_cpu_path  # noqa: E402
 

@@ -264,7 +264,7 @@ def fla():
     return f"{imp('fla.ops.attnres').fused_attnres.__name__} from {imp('fla').__file__}"
 check("import attnres_compile", lambda: imp("attnres_compile").__file__)
 check("attnres_compile._C (native CPU kernels)", lambda: imp("attnres_compile._C").__file__)
-check("Triton kernels (attnres_compile.lowering.triton_kernels)", lambda: imp("attnres_compile.lowering.triton_kernels").__name__)
+check("Triton kernels (attnres_compile.ops.kernels.triton_launch)", lambda: imp("attnres_compile.ops.kernels.triton_launch").__name__)
 check("triton", lambda: imp("triton").__version__)
 check("fla.ops.attnres.fused_attnres (fla-core)", fla)
 check("transformers.LlamaForCausalLM", lambda: imp("transformers").LlamaForCausalLM.__name__)

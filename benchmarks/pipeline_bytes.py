@@ -5,7 +5,7 @@
 For P ranks and V virtual stages per rank (C = P * V chunks, stage k on rank k % P), a converted
 examples GPT with one layer per chunk and one block per layer (num_blocks = layers), so each
 chunk produces one block as the paper's formulas assume. The stages are the real
-`attnres_compile.pipeline` modules; `run_locally` runs them in one process and each stage counts
+`attnres_compile.parallel.pipeline` modules; `run_locally` runs them in one process and each stage counts
 what its forward returns (tests/test_distributed.py checks the same counts under
 torch.distributed.pipelining on 2 gloo ranks). Counts are in blocks of N_p x d (a micro-batch's
 tokens x width); the embedding b_0 is a block too, which the paper's formulas leave out, so
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import attnres_compile as ac  # noqa: E402
-from attnres_compile.pipeline import pipeline_stages, run_locally  # noqa: E402
+from attnres_compile.parallel.pipeline import pipeline_stages, run_locally  # noqa: E402
 from examples.gpt import GPT, GPTConfig, GPTEmbed, GPTHead, loss_fn  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "pipeline_bytes.json"

@@ -2,7 +2,7 @@
  *
  * Built once at install by setup.py (attnres_compile._ort_kernel) against the onnxruntime C API
  * headers vendored in third_party/onnxruntime (ORT_API_VERSION 29; a newer runtime accepts a
- * library built against older headers); lowering/ort_kernel.py registers it with
+ * library built against older headers); onnx/ort_kernel.py registers it with
  * SessionOptions.register_custom_ops_library, after which
  * onnxruntime runs this kernel for every DepthAttention node instead of the model-local
  * function body.

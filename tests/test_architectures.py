@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import attnres_compile as ac
-from attnres_compile.capture import capture
-from attnres_compile.passes.find_chains import analyse_streams
-from attnres_compile.passes.graph_utils import ADD_OPS, INPLACE_ADD_OPS
+from attnres_compile.convert.capture import capture
+from attnres_compile.convert.find_chains import analyse_streams
+from attnres_compile.convert.graph_utils import ADD_OPS, INPLACE_ADD_OPS
 
 from .models import PreActResNet, TinyPreNormLM, architectures, main_output, reason_kind
 

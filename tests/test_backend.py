@@ -121,7 +121,7 @@ def test_unknown_option_is_rejected():
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, 4])
 def test_two_phase_pass_matches_plain(block_size):
-    from attnres_compile.passes.two_phase import is_depth_attention, to_two_phase
+    from attnres_compile.compile.two_phase import is_depth_attention, to_two_phase
 
     torch.manual_seed(block_size)
     model = TinyPreNormLM(layers=3).eval()
@@ -141,7 +141,7 @@ def test_two_phase_pass_matches_plain(block_size):
 
 
 def test_compiled_two_phase_under_no_grad():
-    from attnres_compile.lowering import backend as be
+    from attnres_compile.compile import backend as be
 
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -205,14 +205,14 @@ def test_export_onnx_dynamic(cli):
 
     import onnx
 
-    from attnres_compile.lowering.onnx_export import count_depth_attention_nodes
+    from attnres_compile.onnx.export import count_depth_attention_nodes
 
     proto = onnx.load(cli.tmp / "gpt.onnx")
     assert count_depth_attention_nodes(proto) == 8  # every site with more than one source
 
 
 def test_export_fused_kernel(cli):
-    from attnres_compile.lowering import ort_kernel
+    from attnres_compile.onnx import ort_kernel
 
     if not ort_kernel.available():
         pytest.skip("no C compiler for the fused onnxruntime kernel")
@@ -264,7 +264,7 @@ def test_version(cli):
 
 
 def test_dynamic_shapes_share_dims_by_size():
-    from attnres_compile.inputs import dynamic_shapes_for
+    from attnres_compile.cli.inputs import dynamic_shapes_for
 
     class Two(torch.nn.Module):
         def forward(self, input_ids, attention_mask=None, pixel_values=None, use_cache=True):

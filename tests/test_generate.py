@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnres_compile as ac
-from attnres_compile.lowering.onnx_generate import (
+from attnres_compile.onnx.decoder import (
     GenerationExportError,
     export_decoder,
     export_for_generation,

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import attnres_compile as ac
-from attnres_compile.lowering import cpu_kernels, ort_kernel
+from attnres_compile.ops.kernels import cpu as cpu_kernels
+from attnres_compile.onnx import ort_kernel
 from attnres_compile.ops import depth_attention, depth_attention_reference
 from attnres_compile.ops.depth_attention import plain_cpu_path
 from tests.models import TinyPreNormLM as TinyLM
@@ -64,8 +65,9 @@ def test_runs_with_no_c_compiler_on_path(tmp_path):
         warnings.simplefilter("error", RuntimeWarning)
         assert shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("c++") is None
         import attnres_compile as ac
-        from attnres_compile.lowering import cpu_kernels, ort_kernel
-        from attnres_compile.lowering.onnx_export import ort_session
+        from attnres_compile.ops.kernels import cpu as cpu_kernels
+        from attnres_compile.onnx import ort_kernel
+        from attnres_compile.onnx.export import ort_session
         from tests.models import TinyPreNormLM as TinyLM
         assert cpu_kernels.available(), cpu_kernels.load_error()
         model = TinyLM(d=32, layers=4)
@@ -95,7 +97,7 @@ def test_without_the_native_build_one_warning_and_the_pytorch_path():
         sys.modules["attnres_compile._C"] = None       # as if the build had skipped it
         import torch
         import attnres_compile as ac
-        from attnres_compile.lowering import cpu_kernels
+        from attnres_compile.ops.kernels import cpu as cpu_kernels
         from attnres_compile.ops import depth_attention_reference
         from tests.models import TinyPreNormLM as TinyLM
         with warnings.catch_warnings(record=True) as caught:
@@ -119,7 +121,7 @@ def test_without_the_native_build_one_warning_and_the_pytorch_path():
 
 
 def test_ort_session_falls_back_to_the_function_body(monkeypatch):
-    from attnres_compile.lowering.onnx_export import ort_session
+    from attnres_compile.onnx.export import ort_session
 
     torch.manual_seed(0)
     model = TinyLM(d=16, layers=2)

@@ -1,4 +1,4 @@
-"""Pipeline stages of a converted model (attnres_compile.pipeline), in one process.
+"""Pipeline stages of a converted model (attnres_compile.parallel.pipeline), in one process.
 
 The stages run as a pipeline runs them (`run_locally`: every boundary detached, backward stage
 by stage from the last); loss and gradients must equal the uncut converted model's for every
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import attnres_compile as ac
-from attnres_compile.pipeline import PipelineSplitError, pipeline_stages, run_locally
+from attnres_compile.parallel.pipeline import PipelineSplitError, pipeline_stages, run_locally
 from examples.gpt import GPT, GPTConfig, GPTEmbed as Embed, GPTHead as Head, loss_fn
 
 

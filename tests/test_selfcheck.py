@@ -1,4 +1,4 @@
-"""First-use self-check of the generated Triton kernels (lowering/selfcheck.py), run on CPU in the
+"""First-use self-check of the generated Triton kernels (ops/kernels/selfcheck.py), run on CPU in the
 Triton interpreter (``TRITON_INTERPRET=1``, ``triton_on_cpu()`` + ``selfcheck.forced()``):
 
 * a correct kernel passes its probe and is used;
@@ -21,8 +21,9 @@ import torch
 
 import attnres_compile as ac
 from attnres_compile.checks import site_paths
-from attnres_compile.lowering import selfcheck
-from attnres_compile.ops import _dispatch, depth_attention, depth_attention_reference
+from attnres_compile.ops.kernels import selfcheck
+from attnres_compile.ops import depth_attention, depth_attention_reference
+from attnres_compile.ops.kernels import dispatch as _dispatch
 from attnres_compile.ops.depth_attention import plain_cpu_path, record_site_paths
 
 from .models import TinyPreNormLM
@@ -30,7 +31,7 @@ from .models import TinyPreNormLM
 da = sys.modules["attnres_compile.ops.depth_attention"]
 
 try:
-    from attnres_compile.lowering import triton_kernels as tk
+    from attnres_compile.ops.kernels import triton_launch as tk
 except Exception:  # pragma: no cover
     tk = None
 
@@ -323,7 +324,7 @@ def _tiny():
 
 
 def test_verify_reports_the_path_of_every_site():
-    from attnres_compile.lowering import cpu_kernels
+    from attnres_compile.ops.kernels import cpu as cpu_kernels
 
     conv, idx = _tiny()
     sites = ["chain0.site1", "chain0.site2", "chain0.site3", "chain0.site4", "chain0.site5", "chain0.final"]

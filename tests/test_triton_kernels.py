@@ -28,19 +28,19 @@ import textwrap
 import pytest
 import torch
 
-from attnres_compile.lowering import cpu_kernels
-from attnres_compile.lowering.triton_codegen import (
+from attnres_compile.ops.kernels import cpu as cpu_kernels
+from attnres_compile.ops.kernels.triton_codegen import (
     KernelSpec,
     generate_source,
     next_power_of_2,
     resident_fits,
 )
 from attnres_compile.ops import depth_attention, depth_attention_reference
-from attnres_compile.ops import _dispatch
+from attnres_compile.ops.kernels import dispatch as _dispatch
 from attnres_compile.ops.depth_attention import plain_cpu_path
 
-from attnres_compile.lowering import triton_kernels as tk  # imports triton lazily
-from attnres_compile.lowering.triton_interpret import count_bytes, round_bf16_to_nearest
+from attnres_compile.ops.kernels import triton_launch as tk  # imports triton lazily
+from attnres_compile.ops.kernels.triton_interpret import count_bytes, round_bf16_to_nearest
 
 # Triton tests run the kernels in the interpreter; the CPU-path and generator tests do not need it.
 needs_triton = pytest.mark.skipif(
@@ -133,7 +133,7 @@ def test_generated_source_is_specialised(m, d, dtype):
 
 @needs_triton
 def test_kernels_are_cached_on_disk_and_memoised(tmp_path, monkeypatch):
-    from attnres_compile.lowering import triton_codegen
+    from attnres_compile.ops.kernels import triton_codegen
 
     monkeypatch.setenv("ATTNRES_COMPILE_CACHE", str(tmp_path))
     spec = KernelSpec("fwd", d=7, dtype="fp32", m=2, block_t=2)
@@ -162,8 +162,9 @@ def test_package_imports_and_runs_without_triton():
         sys.meta_path.insert(0, Block())
         import torch
         import attnres_compile
-        from attnres_compile.ops import depth_attention, depth_attention_reference, _dispatch
-        from attnres_compile.lowering import triton_codegen
+        from attnres_compile.ops import depth_attention, depth_attention_reference
+        from attnres_compile.ops.kernels import dispatch as _dispatch
+        from attnres_compile.ops.kernels import triton_codegen
         assert not _dispatch.is_triton_op("attnres::depth_attention")
         assert "triton" not in sys.modules
         src = triton_codegen.generate_source(triton_codegen.KernelSpec("fwd", d=5, m=2))
@@ -468,7 +469,7 @@ def test_cpu_fast_path_can_be_disabled():
         # torch 2.11's profiler warns on entering that it clears events per cycle: not ours
         warnings.filterwarnings("ignore", message=".*Profiler clears events", category=UserWarning)
         import torch
-        from attnres_compile.lowering import cpu_kernels
+        from attnres_compile.ops.kernels import cpu as cpu_kernels
         from attnres_compile.ops import depth_attention, depth_attention_reference
         assert not cpu_kernels.available()
         assert cpu_kernels.forward([torch.randn(3, 4)], torch.ones(4), torch.ones(4), 1e-6, 1.0) is None

@@ -27,7 +27,7 @@ from attnres_compile.ops import (
     two_phase_block,
     two_phase_reference,
 )
-from attnres_compile.ops import _dispatch
+from attnres_compile.ops.kernels import dispatch as _dispatch
 from attnres_compile.ops.depth_attention import plain_cpu_path
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -68,8 +68,8 @@ def path(request):
             yield request.param
     elif request.param == "triton":
         pytest.importorskip("triton")
-        from attnres_compile.lowering.triton_interpret import round_bf16_to_nearest
-        from attnres_compile.lowering.triton_kernels import interpreter_enabled
+        from attnres_compile.ops.kernels.triton_interpret import round_bf16_to_nearest
+        from attnres_compile.ops.kernels.triton_launch import interpreter_enabled
 
         if not interpreter_enabled():
             pytest.skip("needs TRITON_INTERPRET=1 (no GPU here)")
@@ -182,7 +182,7 @@ def test_block_schedule_served_two_phase(path_name):
 
 def _needs_interpreter() -> None:
     pytest.importorskip("triton")
-    from attnres_compile.lowering.triton_kernels import interpreter_enabled
+    from attnres_compile.ops.kernels.triton_launch import interpreter_enabled
 
     if not interpreter_enabled():
         pytest.skip("needs TRITON_INTERPRET=1 (no GPU here)")
@@ -193,8 +193,8 @@ def _needs_interpreter() -> None:
 @pytest.mark.parametrize("n,s,d,t,bt,p", [(1, 1, 5, 7, 4, 2), (3, 4, 100, 13, 4, 3), (5, 2, 48, 37, 8, 4)])
 def test_phase1_bytes(n, s, d, t, bt, p, dtype, variant):
     _needs_interpreter()
-    from attnres_compile.lowering import triton_kernels as tk
-    from attnres_compile.lowering.triton_interpret import count_bytes
+    from attnres_compile.ops.kernels import triton_launch as tk
+    from attnres_compile.ops.kernels.triton_interpret import count_bytes
 
     blocks, queries, gains, _ = make_block(n, s, d, dtype, seed=n, lead=(t,))
     e = blocks[0].element_size()
@@ -220,8 +220,8 @@ def test_phase1_bytes(n, s, d, t, bt, p, dtype, variant):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_phase2_bytes(with_partial, dtype):
     _needs_interpreter()
-    from attnres_compile.lowering import triton_kernels as tk
-    from attnres_compile.lowering.triton_interpret import count_bytes
+    from attnres_compile.ops.kernels import triton_launch as tk
+    from attnres_compile.ops.kernels.triton_interpret import count_bytes
 
     t, d, bt, p = 13, 100, 4, 3
     blocks, queries, gains, partials = make_block(2, 2, d, dtype, seed=5, lead=(t,))

@@ -31,12 +31,12 @@ each input's dtype.
 
 Where the work runs (``_dispatch.py``, docs/kernels.md):
 
-* CUDA tensors: generated Triton kernels (``lowering/triton_codegen.py``), launched through
+* CUDA tensors: generated Triton kernels (``ops/kernels/triton_codegen.py``), launched through
   ``torch.library.wrap_triton`` from ``torch.library.triton_op`` bodies, so Inductor sees them.
   Each kernel variant checks itself on first use against the plain implementation below and is
-  disabled, with one warning, when it fails (``lowering/selfcheck.py``).
+  disabled, with one warning, when it fails (``ops/kernels/selfcheck.py``).
 * CPU tensors: the native kernels built at install (``attnres_compile._C``,
-  ``lowering/cpu_kernels.py``), falling back to the plain implementation below when the
+  ``ops/kernels/cpu.py``), falling back to the plain implementation below when the
   package was installed without them (one warning); the plain path can be forced with
   :func:`plain_cpu_path`.
 * Eager CPU calls outside any capture (no Dynamo, export, dispatch mode, functorch transform
@@ -57,7 +57,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from .kernels import dispatch as _dispatch
 
 __all__ = ["depth_attention", "plain_cpu_path", "record_site_paths"]
 
@@ -209,13 +209,13 @@ def _forward(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: flo
     """Checks, then the first available of: Triton kernel, generated C kernel (CPU), plain PyTorch."""
     _check_inputs(sources, query, norm_weight, eps, scale)
     if _dispatch.use_triton(sources[0], "forward"):
-        from ..lowering import triton_kernels
+        from .kernels import triton_launch as triton_kernels
 
         if _RECORDING:
             record_path(query, TRITON)
         return triton_kernels.forward(sources, query, norm_weight, eps, scale)
     if c_kernels and _FAST_CPU[0]:
-        from ..lowering import cpu_kernels
+        from .kernels import cpu as cpu_kernels
 
         out = cpu_kernels.forward(sources, query, norm_weight, eps, scale)
         if out is not None:
@@ -233,11 +233,11 @@ def _backward_dispatch(grad_out: Tensor, sources: list[Tensor], query: Tensor, n
     _check_inputs(sources, query, norm_weight, eps, scale)
     _check_grad_out(grad_out, sources)
     if _dispatch.use_triton(sources[0], "backward"):
-        from ..lowering import triton_kernels
+        from .kernels import triton_launch as triton_kernels
 
         return triton_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
     if c_kernels and _FAST_CPU[0]:
-        from ..lowering import cpu_kernels
+        from .kernels import cpu as cpu_kernels
 
         out = cpu_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
         if out is not None:
@@ -276,7 +276,7 @@ def _depth_attention_backward_cpu(
     return _backward_dispatch(grad_out, sources, query, norm_weight, eps, scale, c_kernels=True)
 
 
-#: Whether CPU tensors use the native kernels (``lowering/cpu_kernels.py``) when available.
+#: Whether CPU tensors use the native kernels (``ops/kernels/cpu.py``) when available.
 _FAST_CPU = [True]
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -305,7 +305,7 @@ def native_eager(sources: Sequence[object], query: object, norm_weight: object) 
             or _dispatch.triton_on_cpu_enabled()):    # (tests route CPU tensors to the Triton kernels)
         return False
     if not _CPU_KERNELS:
-        from ..lowering import cpu_kernels
+        from .kernels import cpu as cpu_kernels
 
         _CPU_KERNELS.append(cpu_kernels)
     return _CPU_KERNELS[0].available()

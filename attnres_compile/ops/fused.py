@@ -1,5 +1,5 @@
 """Depth attention fused with its neighbours: the ops the CUDA graph pass emits
-(``passes/fuse_epilogues.py``), each with a generated Triton kernel (``triton_kernels.forward_norm``,
+(``compile/fuse_epilogues.py``), each with a generated Triton kernel (``triton_kernels.forward_norm``,
 ``forward_partial``), a plain PyTorch body (CPU, fake tensors) and an analytic backward.
 
 * ``attnres::depth_attention_norm(Tensor[] sources, Tensor query, Tensor norm_weight, float eps,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from .kernels import dispatch as _dispatch
 from .depth_attention import _RECORDING, TRITON, _depth_attention_forward_impl, pytorch_path, record_path
 
 __all__ = ["depth_attention_norm", "depth_attention_partial"]
@@ -49,7 +49,7 @@ def _norm_body(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: f
     _check_kind(kind, bias)
     variant = f"forward_norm_{kind}"
     if _dispatch.use_triton(sources[0], variant):
-        from ..lowering import triton_kernels
+        from .kernels import triton_launch as triton_kernels
 
         if _RECORDING:
             record_path(query, TRITON)
@@ -106,7 +106,7 @@ _norm_op.register_autograd(_norm_backward, setup_context=_norm_setup)
 def _partial_body(blocks: list[Tensor], prev: Tensor, add: Tensor, query: Tensor, norm_weight: Tensor, eps: float,
                   scale: float) -> tuple[Tensor, Tensor]:
     if _dispatch.use_triton(prev, "forward_partial"):
-        from ..lowering import triton_kernels
+        from .kernels import triton_launch as triton_kernels
 
         if _RECORDING:
             record_path(query, TRITON)

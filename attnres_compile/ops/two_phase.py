@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from .kernels import dispatch as _dispatch
 from .depth_attention import _FAST_CPU, _check_param, _compute_dtype, check_tensor_sequence
 from .depth_attention import _RECORDING, NATIVE_CPU, PYTORCH, TRITON, pytorch_path, record_path
 
@@ -179,13 +179,13 @@ def _phase1(blocks, queries, gains, eps, *, c_kernels: bool) -> tuple[Tensor, Te
     """Checks, then the first available of: Triton kernel, C kernel (CPU), plain PyTorch."""
     _check_phase1(blocks, queries, gains, eps)
     if _dispatch.use_triton(blocks[0], "phase1"):
-        from ..lowering import triton_kernels
+        from .kernels import triton_launch as triton_kernels
 
         if _RECORDING:
             _LAST_PHASE1[0] = TRITON
         return triton_kernels.phase1(blocks, queries, gains, eps)
     if c_kernels and _FAST_CPU[0]:
-        from ..lowering import cpu_kernels
+        from .kernels import cpu as cpu_kernels
 
         out = cpu_kernels.phase1(blocks, queries, gains, eps)
         if out is not None:
@@ -213,13 +213,13 @@ def _phase2(o, m, z, partial, query, gain, eps, scale, *, c_kernels: bool) -> Te
     _check_phase2(o, m, z, partial, query, gain, eps, scale)
     f32_state = m.dtype == z.dtype == torch.float32
     if f32_state and _dispatch.use_triton(o, "phase2"):
-        from ..lowering import triton_kernels
+        from .kernels import triton_launch as triton_kernels
 
         if _RECORDING:
             _record_two_phase(query, TRITON)
         return triton_kernels.phase2(o, m, z, partial, query, gain, eps, scale)
     if c_kernels and _FAST_CPU[0] and f32_state:
-        from ..lowering import cpu_kernels
+        from .kernels import cpu as cpu_kernels
 
         out = cpu_kernels.phase2(o, m, z, partial, query, gain, eps, scale)
         if out is not None:

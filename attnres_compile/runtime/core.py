@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from ..errors import PlanMismatchError
 from ..ops.depth_attention import depth_attention_call
 from ..ops.sharded import check_branch_placement, dtensor_type, sharded_depth_attention
-from ..passes.plan import AddSite, ChainPlan, ConversionPlan
-from . import codegen
+from ..convert.build import AddSite, ChainPlan, ConversionPlan
+from . import recompile as codegen
 from .mode import ModeWatcher, wrap_checkpoint_funcs
 from .replay import ModelCode, add_field, locate
 from .state import START, CallStacks, _Run, _Tag, _set_start, dynamo_compiling, get_tag, in_backward, set_tag
@@ -410,7 +410,7 @@ class AttnResRuntime:
             return False
         if torch.is_grad_enabled() or dynamo_compiling() or torch.compiler.is_exporting():
             return False
-        from ..passes.two_phase import two_phase_available
+        from ..compile.two_phase import two_phase_available
 
         return two_phase_available()
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import LayoutChangedError, PlanFormatError, PlanMismatchError, StalePlanError
-from ..passes.plan import AddSite, ConversionPlan
+from ..convert.build import AddSite, ConversionPlan
 from ..plan.limits import MAX_INPUT_DEPTH, MAX_INT, MAX_NAME, MAX_TENSOR_DIMS, MAX_TENSOR_NUMEL, MAX_TEXT
 
 

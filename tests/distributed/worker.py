@@ -235,7 +235,7 @@ def pipeline(kind: str, rank: int) -> dict:
     """GPipe and 1F1B on 2 stages, interleaved 1F1B on 2 x 2 virtual stages, every cache policy."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-    from attnres_compile.pipeline import pipeline_stages
+    from attnres_compile.parallel.pipeline import pipeline_stages
 
     results = {}
     for schedule, virtual, cache, num_blocks in [("gpipe", 1, "none", 2), ("1f1b", 1, "none", 2),

@@ -150,7 +150,7 @@ def _decide(key: tuple, t: Tensor) -> bool:
                 f"{what}: non-finite values" if not math.isfinite(err) else
                 f"{what}: relative error {err:.3g} > {tol:g} against the PyTorch implementation (float64)")
         except Exception as exc:  # compile errors, launch errors, out-of-resources ...
-            from ..errors import first_line
+            from ...errors import first_line
 
             reason = f"raised {type(exc).__name__}: {first_line(exc)}"
         _OK[key] = reason is None
@@ -237,8 +237,8 @@ def _f64(ts):
 
 
 def _probe_forward(dtype, device, d):
-    from ..ops.depth_attention import _depth_attention_forward_impl as impl
-    from . import triton_kernels as tk
+    from ..depth_attention import _depth_attention_forward_impl as impl
+    from . import triton_launch as tk
 
     x = _Inputs(dtype, device, d, "fwd")
     srcs, (q, g) = x.rows(3), x.param()
@@ -247,8 +247,8 @@ def _probe_forward(dtype, device, d):
 
 
 def _probe_backward(dtype, device, d):
-    from ..ops.depth_attention import _depth_attention_backward_impl as impl
-    from . import triton_kernels as tk
+    from ..depth_attention import _depth_attention_backward_impl as impl
+    from . import triton_launch as tk
 
     x = _Inputs(dtype, device, d, "bwd")
     srcs, (q, g) = x.rows(3), x.param()
@@ -263,8 +263,8 @@ def _probe_backward(dtype, device, d):
 
 
 def _probe_phase1(dtype, device, d):
-    from ..ops.two_phase import _phase1_impl
-    from . import triton_kernels as tk
+    from ..two_phase import _phase1_impl
+    from . import triton_launch as tk
 
     x = _Inputs(dtype, device, d, "phase1")
     blocks = x.rows(3)
@@ -279,8 +279,8 @@ def _probe_phase1(dtype, device, d):
 
 
 def _probe_phase2(dtype, device, d):
-    from ..ops.two_phase import _phase1_impl, _phase2_impl
-    from . import triton_kernels as tk
+    from ..two_phase import _phase1_impl, _phase2_impl
+    from . import triton_launch as tk
 
     x = _Inputs(dtype, device, d, "phase2")
     blocks, partial = x.rows(2), x.randn(x.t, d)
@@ -298,9 +298,9 @@ def _probe_phase2(dtype, device, d):
 
 def _probe_norm(kind: str) -> Callable:
     def probe(dtype, device, d):
-        from ..ops.depth_attention import _depth_attention_forward_impl as impl
-        from ..ops.fused import _norm
-        from . import triton_kernels as tk
+        from ..depth_attention import _depth_attention_forward_impl as impl
+        from ..fused import _norm
+        from . import triton_launch as tk
 
         x = _Inputs(dtype, device, d, "fwd")
         srcs, (q, g) = x.rows(3), x.param()
@@ -315,8 +315,8 @@ def _probe_norm(kind: str) -> Callable:
 
 
 def _probe_partial(dtype, device, d):
-    from ..ops.depth_attention import _depth_attention_forward_impl as impl
-    from . import triton_kernels as tk
+    from ..depth_attention import _depth_attention_forward_impl as impl
+    from . import triton_launch as tk
 
     x = _Inputs(dtype, device, d, "fwd")
     blocks, prev, add = x.rows(2), x.randn(x.t, d), x.randn(x.t, d)

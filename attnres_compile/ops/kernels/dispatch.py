@@ -12,7 +12,7 @@ decomposition is restricted to CUDA tensors here: on any other device the op sta
 node (and runs its CPU kernel), which is what graph passes, ONNX export and the one-node
 tests expect. Without triton it is a plain ``torch.library.custom_op`` with the same body.
 
-Each kernel variant checks itself on first use (``lowering/selfcheck.py``): :func:`use_triton`
+Each kernel variant checks itself on first use (``ops/kernels/selfcheck.py``): :func:`use_triton`
 is false for a variant whose probe failed, and the body runs its PyTorch implementation.
 """
 
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ..lowering import selfcheck
+from . import selfcheck
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ _TRITON_ON_CPU = [False]
 def triton_on_cpu() -> Iterator[None]:
     """Route CPU tensors to the Triton kernels inside this block (needs ``TRITON_INTERPRET=1``;
     used by tests to run the Triton path of the ops on a machine without a GPU)."""
-    from ..lowering.triton_kernels import interpreter_enabled
+    from .triton_launch import interpreter_enabled
 
     if not interpreter_enabled():
         raise RuntimeError("triton_on_cpu() needs TRITON_INTERPRET=1 set before triton is imported")
@@ -80,12 +80,12 @@ def triton_importable() -> bool:
 
 
 def _triton_eligible(t: Tensor) -> bool:
-    from ..lowering.triton_codegen import SUPPORTED_DTYPES
+    from .triton_codegen import SUPPORTED_DTYPES
 
     if t.dtype not in SUPPORTED_DTYPES or not triton_importable():
         return False
     if t.device.type == "cuda":
-        from ..lowering.triton_kernels import interpreter_enabled
+        from .triton_launch import interpreter_enabled
 
         # The interpreter cannot run on fake tensors; let the plain body trace instead.
         return not (interpreter_enabled() and _is_fake(t))
@@ -96,7 +96,7 @@ def use_triton(t: Tensor, variant: str) -> bool:
     """Whether an op body should launch the generated Triton kernel ``variant`` (one of
     ``lowering.selfcheck.VARIANTS``) for tensor ``t``: a CUDA tensor (or a CPU tensor under
     :func:`triton_on_cpu`) of a supported dtype, and the variant has passed its first-use
-    self-check for that dtype and device (``lowering/selfcheck.py``; it runs on the first call)."""
+    self-check for that dtype and device (``ops/kernels/selfcheck.py``; it runs on the first call)."""
     return _triton_eligible(t) and selfcheck.kernel_ok(variant, t)
 
 

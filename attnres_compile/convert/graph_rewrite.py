@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 
 from .find_chains import Chain
 from .graph_utils import alias_closure, tensor_meta
-from .plan import SitePlan
+from .build import SitePlan
 
 DEPTH_ATTENTION = None  # resolved lazily: importing ops registers torch.ops.attnres
 

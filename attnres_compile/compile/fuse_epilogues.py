@@ -14,7 +14,7 @@ fewer bytes (docs/kernels.md section 5b):
 
 A site that matches the first is not also fused with its norm (one kernel per site). Returns
 the counts. The backend runs it on graphs whose inputs are on CUDA, where the Triton kernels
-are the fused path; on CPU, Inductor fuses the decomposed site itself (``lowering/decompose.py``).
+are the fused path; on CPU, Inductor fuses the decomposed site itself (``compile/decompose.py``).
 """
 
 from __future__ import annotations

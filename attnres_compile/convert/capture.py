@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError
+from ..errors import CaptureError
 
 
 @dataclass
@@ -114,7 +114,7 @@ def _checkpointed_function(f) -> str | None:
 
 
 def _add_funcs():
-    from .runtime.mode import ADD_FUNCS
+    from ..runtime.mode import ADD_FUNCS
 
     return ADD_FUNCS
 
@@ -125,7 +125,7 @@ def add_calls(graph, adds: list[AddCall]) -> dict:
     Every add call makes one add node, so when the counts agree they pair in order. Otherwise
     (an op that adds inside a decomposition) they pair line by line where a line's counts agree.
     """
-    from .passes.graph_utils import ADD_OPS, INPLACE_ADD_OPS, call_site
+    from .graph_utils import ADD_OPS, INPLACE_ADD_OPS, call_site
 
     nodes = [n for n in graph.nodes
              if n.op == "call_function" and (n.target in ADD_OPS or n.target in INPLACE_ADD_OPS)]

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expand each DepthAttention node into standard ONNX ops (no functions)")
     p.add_argument("--fused", action="store_true",
                    help="also check onnxruntime with the fused DepthAttention kernel registered "
-                        "(attnres_compile.lowering.onnx_export.ort_session; CPU, float32)")
+                        "(attnres_compile.onnx.export.ort_session; CPU, float32)")
     p.add_argument("--with-cache", action="store_true",
                    help="export a decoder with past for generation (inputs past_key_values.*, outputs "
                         "present.*) plus genai_config.json beside it, and check that onnxruntime "
@@ -462,14 +462,14 @@ def _one_line(text: str) -> str:
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
-    from .errors import first_line
+    from ..errors import first_line
 
     return first_line(exc, limit)
 
 
 def _v():
     """attnres_compile.checks, imported on first use (it imports torch)."""
-    from . import checks
+    from .. import checks
 
     return checks
 
@@ -477,7 +477,7 @@ def _v():
 # -- shared helpers --------------------------------------------------------------------------------------
 
 def convert_target(target: Target, args, ui: UI, preserve: str):
-    from . import convert
+    from .. import convert
 
     with ui.step(f"converting {target.name} (capture with torch.export, train and eval)"):
         return convert(target.model, target.args, kwargs=target.kwargs, num_blocks=args.num_blocks,
@@ -510,7 +510,7 @@ def _summary(report) -> str:
 # -- commands --------------------------------------------------------------------------------------------
 
 def cmd_inspect(args, ui: UI) -> int:
-    from .errors import NoEligibleChainError
+    from ..errors import NoEligibleChainError
 
     target = load_target(args, ui)
     try:
@@ -534,7 +534,7 @@ def cmd_inspect(args, ui: UI) -> int:
 def cmd_convert(args, ui: UI) -> int:
     import torch
 
-    from . import load_attnres_state_dict, save_attnres
+    from .. import load_attnres_state_dict, save_attnres
     from .inputs import dynamic_shapes_for, resized_inputs
 
     target = load_target(args, ui)
@@ -588,7 +588,7 @@ def _program_err(loaded, converted, args: tuple, kwargs: dict) -> float:
 
 def cmd_export(args, ui: UI) -> int:
     from .inputs import dynamic_shapes_for, resized_inputs
-    from .lowering.onnx_export import count_depth_attention_nodes, export_onnx
+    from ..onnx.export import count_depth_attention_nodes, export_onnx
 
     if args.fused and args.inline:
         raise BadInput("--fused needs DepthAttention nodes; it cannot be combined with --inline")
@@ -622,7 +622,7 @@ def cmd_export(args, ui: UI) -> int:
         sessions = [("onnxruntime", False)]
         if args.fused:
             try:
-                from .lowering import ort_kernel
+                from ..onnx import ort_kernel
 
                 ort_kernel.library_path()
             except Exception as exc:
@@ -641,7 +641,7 @@ def cmd_export(args, ui: UI) -> int:
 def _export_with_cache(target: Target, args, ui: UI) -> int:
     import torch
 
-    from .lowering.onnx_generate import decoder_spec, export_decoder, ort_generate, write_genai_config
+    from ..onnx.decoder import decoder_spec, export_decoder, ort_generate, write_genai_config
 
     converted = convert_target(target, args, ui, args.preserve).eval()
     out = Path(args.output)
@@ -694,7 +694,7 @@ def _shapes_text(args: tuple, kwargs: dict) -> str:
 
 
 def cmd_check(args, ui: UI) -> int:
-    from .checks import verify
+    from ..checks import verify
 
     target = load_target(args, ui)
     converted = convert_target(target, args, ui, args.preserve)
@@ -797,7 +797,7 @@ def _load_program(path: Path):
 
 
 def cmd_plot_weights(args, ui: UI) -> int:
-    from .analysis import plot_depth_weights, record_sites, schedules_from_layout
+    from ..analysis import plot_depth_weights, record_sites, schedules_from_layout
 
     path = Path(args.checkpoint)
     if not path.is_file():
@@ -811,7 +811,7 @@ def cmd_plot_weights(args, ui: UI) -> int:
     schedules = None
     weights_file = path.with_suffix(".attnres.safetensors")
     if weights_file.is_file():
-        from .api import read_attnres_file
+        from ..api import read_attnres_file
 
         _, layout = read_attnres_file(weights_file, tensors=False)
         if layout is not None:
@@ -903,8 +903,8 @@ def main(argv: list[str] | None = None) -> int:
         ui.err.print("attnres: interrupted", markup=False)
         return 130
     except Exception as exc:  # every failure is one line; --debug shows where it came from
-        from .errors import AttnResError
-        from .checks import VerificationError
+        from ..errors import AttnResError
+        from ..checks import VerificationError
 
         if isinstance(exc, VerificationError):
             code, kind = EXIT_FAILED, "failed"

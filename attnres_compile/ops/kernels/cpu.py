@@ -50,7 +50,7 @@ def _load() -> bool:
     with _LOCK:
         if "ok" not in _STATE:
             try:
-                from .. import _C  # noqa: F401  (registers the attnres_native ops)
+                from ... import _C  # noqa: F401  (registers the attnres_native ops)
 
                 _STATE["ok"] = hasattr(torch.ops.attnres_native, "forward")
                 if not _STATE["ok"]:

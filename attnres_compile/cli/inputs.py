@@ -11,7 +11,7 @@ from torch import nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from .checks import bound_arguments
+from ..checks import bound_arguments
 
 
 def embedding_size(model) -> int:

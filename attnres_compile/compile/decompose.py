@@ -56,7 +56,7 @@ def depth_attention_decomposed(sources: list[Tensor], query: Tensor, norm_weight
 def decompose_sites(gm: torch.fx.GraphModule) -> int:
     """Match: ``attnres::depth_attention`` nodes of a Dynamo graph. Replace: a call of
     :func:`depth_attention_decomposed` with the same arguments. Returns the count."""
-    from ..passes.two_phase import is_depth_attention
+    from .two_phase import is_depth_attention
 
     count = 0
     for node in gm.graph.nodes:
