@@ -104,7 +104,7 @@ test-vllm: venv vllm-venv
 # What it found and the package now handles: torch 2.11's wrap_triton refuses the interpreter's
 # kernels, Triton 3.6's interpreter cannot index with numpy 2 (ops/kernels/triton_launch.py,
 # triton_interpret.py), torch 2.11's export keeps a no_grad rotary table in a submodule
-# (convert/find_chains.py). About 7 minutes.
+# (conversion/find_chains.py). About 7 minutes.
 MATRIX_PYTHON ?= /root/.pyenv/versions/3.12.1/bin/python3.12
 MATRIX_VENV   ?= .venv-matrix
 MATRIX_PINS   := benchmarks/gpu-machine-versions.txt

@@ -1,11 +1,18 @@
 """attnres-compile: retrofit Block Attention Residuals into traced PyTorch models.
 
-Pipeline: capture (torch.export) -> passes/ (find residual streams, fix the plan) -> runtime/
-(install the plan into the model's code, serve every call, replay saved plans) -> ops/ (the
-depth-attention op) -> lowering/ (kernels, torch.compile, ONNX).
+The data's journey, one folder each (README.md, Layout):
+
+    conversion/  capture the model (torch.export), find its residual streams, fix the plan
+    plan/        the plan: data classes, the saved format, AttnResConfig  <- the hinge
+    runtime/     install the plan in the model's code, serve every call
+    ops/         the depth-attention op, its reference and its kernels (ops/kernels/)
+    compile/ onnx/ serving/ parallel/ cli/   the front ends
+
+`api.py` holds the public verbs; everything public is re-exported here.
 """
 
 from .api import (
+    AttnResConfig,
     ChainInfo,
     apply_plan,
     attnres_parameters,
@@ -18,15 +25,15 @@ from .api import (
 from .errors import (AttnResError, CaptureError, LayoutChangedError, ModeMismatchError, NoEligibleChainError,
                      PlanFormatError, PlanMismatchError, StalePlanError)
 from .hf import from_pretrained
-from .onnx.export import export_onnx
-from .onnx.decoder import export_decoder, export_for_generation, ort_generate
-from .convert.report import ConversionReport
+from .onnx import export_decoder, export_for_generation, export_onnx, ort_generate
+from .conversion.report import ConversionReport
 from .checks import VerifyReport, verify
 from .parallel.pipeline import PipelineSplitError, pipeline_stages
 from .training import param_groups
 
 __all__ = [
     "convert",
+    "AttnResConfig",
     "apply_plan",
     "from_pretrained",
     "is_converted",

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .convert.blocks import block_schedule
+from .conversion.blocks import block_schedule
 
 __all__ = ["SiteRecord", "record_sites", "depth_weights", "plot_depth_weights", "site_sources",
            "schedules_from_report", "schedules_from_layout"]

@@ -114,11 +114,11 @@ def onnx_parity(proto, module, args: tuple, kwargs: dict, *, fused: bool = False
     fused: run the session with the fused DepthAttention kernel registered (`ort_session`)."""
     import onnxruntime as ort
 
-    from .convert.capture import without_cache
+    from .conversion.capture import without_cache
 
     kwargs = without_cache(module, kwargs)
     if fused:
-        from .onnx.export import ort_session
+        from .onnx import ort_session
 
         session = ort_session(proto, fused=True)
     else:
@@ -200,10 +200,10 @@ def _site_name(param_name: str) -> str:
 
 def site_paths(converted, args: tuple, kwargs: dict) -> dict[str, str]:
     """One eval-mode, no-grad forward on the inputs, recording which implementation each site ran
-    (``ops.depth_attention.record_site_paths``): site name -> path, "not run" for a site the
+    (``ops.paths.record_site_paths``): site name -> path, "not run" for a site the
     inputs did not reach. Sites with one source (the identity) have no parameters and no entry."""
     from .api import attnres_parameters
-    from .ops.depth_attention import record_site_paths
+    from .ops.paths import record_site_paths
 
     queries: dict[int, tuple] = {}
     for name, p in attnres_parameters(converted).items():
@@ -303,7 +303,7 @@ def check_gradients(converted, args: tuple, kwargs: dict) -> Check:
 def check_onnx(converted, args: tuple, kwargs: dict, limit: float) -> Check:
     """Export a copy with random queries to ONNX; onnxruntime against PyTorch."""
     from .api import attnres_parameters
-    from .onnx.export import count_depth_attention_nodes, export_onnx
+    from .onnx import count_depth_attention_nodes, export_onnx
 
     model = copy.deepcopy(converted).eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -370,7 +370,7 @@ def verify(converted, example_inputs, *, kwargs: dict | None = None, original=No
     (`VerifyReport.site_paths`, `VerifyReport.info()`; information, not a check).
     """
     from .api import is_converted
-    from .convert.capture import normalize_inputs
+    from .conversion.capture import normalize_inputs
 
     if not is_converted(converted):
         raise TypeError(f"verify expects a model converted by attnres_compile.convert(), got {type(converted).__name__}")

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .api import _find_params, apply_plan
+from .api import apply_plan
+from .runtime.params import find_params
 from .errors import PlanFormatError
 from .plan import read_plan
 from .plan.format import read_layout, weights_difference
@@ -25,7 +26,8 @@ from .plan.types import ConversionPlan
 _EXTRA = "attnres._extra_state"
 
 
-def _model_class(config, model_class):
+def model_class_of(config, model_class=None):
+    """`model_class`, else the transformers class `config.architectures` names (a PreTrainedModel)."""
     if model_class is not None:
         return model_class
     import transformers
@@ -127,7 +129,7 @@ def from_pretrained(path: str | os.PathLike, *, model_class=None, **kwargs) -> n
         raise PlanFormatError(f"{path}/config.json has no 'attnres' section: it was not saved from a model converted "
                               "by attnres_compile (load it with transformers as a plain model)", field="attnres")
     plan = checkpoint_plan(path, plan_d)
-    cls = _model_class(config, model_class)
+    cls = model_class_of(config, model_class)
     if plan.model != cls.__name__:
         raise PlanFormatError(f"the attnres plan in {path} was made for {plan.model}, not {cls.__name__}; "
                               f"load it with model_class={plan.model}", field="model")
@@ -139,7 +141,7 @@ def from_pretrained(path: str | os.PathLike, *, model_class=None, **kwargs) -> n
         hf_logging.set_verbosity(verbosity)
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     apply_plan(model, plan)
-    own = _find_params(model)
+    own = find_params(model)
     if ref is not None:
         own.to(device=ref.device, dtype=ref.dtype)
     state = {}

@@ -1,6 +1,6 @@
-"""Compatibility re-export: the conversion report lives in convert/report.py (pickled models
+"""Compatibility re-export: the conversion report lives in conversion/report.py (pickled models
 saved before the move name this path)."""
 
-from .convert.report import ChainReport, ConversionReport, LeftAloneReport, SiteReport
+from .conversion.report import ChainReport, ConversionReport, LeftAloneReport, SiteReport
 
 __all__ = ["ChainReport", "ConversionReport", "LeftAloneReport", "SiteReport"]

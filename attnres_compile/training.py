@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .api import _find_params, attnres_parameters
+from .runtime.params import attnres_parameters, find_params
 from .ops.site import DepthAttentionSite
 
 __all__ = ["param_groups", "sites"]
@@ -25,7 +25,7 @@ DEFAULT_ATTNRES_LR_MULT = 1.0
 
 def sites(model: nn.Module) -> dict[str, DepthAttentionSite]:
     """Every depth-attention site with parameters, by its module name under the AttnRes container."""
-    own = _find_params(model)
+    own = find_params(model)
     if own is None:
         raise TypeError(f"expected a model converted by attnres_compile.convert(), got {type(model).__name__}")
     return {n: m for n, m in own.named_modules() if isinstance(m, DepthAttentionSite)}

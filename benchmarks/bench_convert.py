@@ -4,7 +4,7 @@
 
 A LLaMA-style model (Hugging Face LlamaForCausalLM, d_model 256, random weights) at each depth
 is converted once from `(input_ids,)` (preserve="exact", default num_blocks); the stages of the
-real convert() are timed by wrapping the functions api.py calls. Writes
+real convert() are timed by wrapping the functions conversion/derive.py, conversion/select.py and api.py call. Writes
 benchmarks/results/convert.json.
 
 Stages: capture = the two torch.export runs (train and eval); analyse = residual-stream
@@ -34,10 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 import attnres_compile as ac  # noqa: E402
 from attnres_compile import api  # noqa: E402
+from attnres_compile.conversion import derive, select  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "convert.json"
-STAGES = {"capture": "capture", "analyse": "analyse_streams", "plan": "plan_chain",
-          "plan_links": "chain_plan", "install": "apply_plan"}
+# stage -> (module that calls it, the function's name there)
+STAGES = {"capture": (derive, "capture"), "analyse": (derive, "analyse_streams"), "plan": (select, "plan_chain"),
+          "plan_links": (derive, "chain_plan"), "install": (api, "_install_plan")}
 CALLS = {  # new call structures after a conversion from (input_ids,)
     "attention_mask": lambda ids: {"attention_mask": torch.ones_like(ids)},
     "output_hidden_states": lambda ids: {"output_hidden_states": True},
@@ -61,9 +63,9 @@ class Timers:
         self.saved = {}
 
     def __enter__(self):
-        for stage, attr in STAGES.items():
-            fn = getattr(api, attr)
-            self.saved[attr] = fn
+        for stage, (module, attr) in STAGES.items():
+            fn = getattr(module, attr)
+            self.saved[module, attr] = fn
 
             def timed(*a, __fn=fn, __stage=stage, **k):
                 t0 = time.perf_counter()
@@ -72,12 +74,12 @@ class Timers:
                 finally:
                     self.t[__stage] += time.perf_counter() - t0
 
-            setattr(api, attr, functools.wraps(fn)(timed) if not isinstance(fn, type) else _timed_class(fn, self, stage))
+            setattr(module, attr, functools.wraps(fn)(timed) if not isinstance(fn, type) else _timed_class(fn, self, stage))
         return self
 
     def __exit__(self, *exc):
-        for attr, fn in self.saved.items():
-            setattr(api, attr, fn)
+        for (module, attr), fn in self.saved.items():
+            setattr(module, attr, fn)
 
 
 def _timed_class(cls, timers, stage):

@@ -139,7 +139,7 @@ def run(args) -> dict:
                 protos = {"original": _export_decoder(base), "attnres": _export_decoder(conv)}
                 sessions = {k: ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
                             for k, p in protos.items()}
-                sessions["attnres fused"] = ac.lowering.onnx_export.ort_session(protos["attnres"], fused=True)
+                sessions["attnres fused"] = ac.onnx.ort_session(protos["attnres"], fused=True)
             steps = {k: ort_steps(s, ids.cpu(), {}) for k, s in sessions.items()}
             ms = time_pair({k: v[0] for k, v in steps.items()}, args.iters, args.warmup, device)
             rows[f"onnxruntime prefill, batch {batch}"] = ms | {

@@ -45,11 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attnres_compile.ops.kernels import cpu as cpu_kernels  # noqa: E402
 from attnres_compile.ops import depth_attention_reference  # noqa: E402
-from attnres_compile.ops.depth_attention import (  # noqa: E402
-    _depth_attention_backward_impl,
-    _depth_attention_forward_impl,
+from attnres_compile.ops.reference import (  # noqa: E402
+    depth_attention_backward_reference,
+    phase1_reference,
+    phase2_reference,
 )
-from attnres_compile.ops.two_phase import _phase1_impl, _phase2_impl  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -226,10 +226,10 @@ def bench_cpu(quick: bool, reps: int, inductor: bool) -> list[Row]:
             add("backward", "kernel: native C++ (preallocated grads)",
                 lambda: cpu_kernels.backward(grad, sources, query, gain, eps, 1.0, out=outs))
             del out, outs
-        add("forward", "plain PyTorch op body", lambda: _depth_attention_forward_impl(sources, query, gain, eps, 1.0),
+        add("forward", "plain PyTorch op body", lambda: depth_attention_reference(sources, query, gain, eps=eps),
             plain_reps)
         add("backward", "plain PyTorch op body",
-            lambda: _depth_attention_backward_impl(grad, sources, query, gain, eps, 1.0), plain_reps)
+            lambda: depth_attention_backward_reference(grad, sources, query, gain, eps=eps), plain_reps)
         add("forward", "naive stacked reference", lambda: depth_attention_reference(sources, query, gain, eps=eps),
             plain_reps)
         if inductor and label == "d2048-m9":
@@ -281,9 +281,9 @@ def _bench_two_phase(dev, label, d, n, s, t, dtype, reps, big, fast, plain) -> l
     if plain:
         n_plain = max(2, reps // 3)
         rows.append(_row(dev, "phase1", shape, dtype, "plain PyTorch op body", p1_floor,
-                         lambda: _phase1_impl(blocks, queries, gains, 1e-6), big, n_plain))
+                         lambda: phase1_reference(blocks, queries, gains, eps=1e-6), big, n_plain))
         rows.append(_row(dev, "phase2", shape, dtype, "plain PyTorch op body", p2_floor,
-                         lambda: _phase2_impl(o[1], m[1], z[1], partial, queries[1], gains[1], 1e-6, 1.0), big, n_plain))
+                         lambda: phase2_reference(o[1], m[1], z[1], partial, queries[1], gains[1], eps=1e-6), big, n_plain))
     return rows
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnres_compile  # noqa: E402
 from attnres_compile.onnx import ort_kernel  # noqa: E402
-from attnres_compile.onnx.export import count_depth_attention_nodes, ort_session  # noqa: E402
+from attnres_compile.onnx import count_depth_attention_nodes, ort_session  # noqa: E402
 from examples.gpt import GPT, GPTConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -153,7 +153,7 @@ def export_and_check_onnx(converted: torch.nn.Module, example_inputs: tuple, pat
     import onnxruntime as ort
     from torch.export import Dim
 
-    from attnres_compile.onnx.export import count_depth_attention_nodes
+    from attnres_compile.onnx import count_depth_attention_nodes
 
     dyn = {"idx": {0: Dim("batch"), 1: Dim("seq", max=example_inputs[0].shape[1])}}
     proto = attnres_compile.export_onnx(converted, example_inputs, path, dynamic_shapes=dyn)

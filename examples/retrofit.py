@@ -6,7 +6,6 @@
     python -m examples.retrofit plot                   # docs/figures/retrofit*.png + docs/results/retrofit/summary.json
     python -m examples.retrofit recipe --seeds 0 1 2 [--arms lr30 ...]   # the recipe study -> docs/results/retrofit_recipe/
     python -m examples.retrofit recipe-plot            # its table, figures and summary.json
-    attnres train retrofit ...                         # the same, from the CLI (records under ./attnres_runs)
 
 A plain PreNorm GPT (examples/gpt.py, 16 layers, d 96: the configuration where Block AttnRes
 trained from scratch wins in docs/results.md) is trained for the study's 1,000 steps with the

@@ -4,7 +4,6 @@
     python -m examples.train_lm study                              # every run of the study
     python -m examples.train_lm timing                             # step time over the baseline
     python -m examples.train_lm plot                               # docs/figures/*.png + summary
-    attnres train ...                                              # the same, from the CLI
 
 The model is examples/gpt.py (nanoGPT-style PreNorm GPT, written plainly); the AttnRes
 variants are `attnres_compile.convert()` of that same model with the same initial weights:

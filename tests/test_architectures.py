@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import attnres_compile as ac
-from attnres_compile.convert.capture import capture
-from attnres_compile.convert.find_chains import analyse_streams
-from attnres_compile.convert.graph_utils import ADD_OPS, INPLACE_ADD_OPS
+from attnres_compile.conversion.capture import capture
+from attnres_compile.conversion.find_chains import analyse_streams
+from attnres_compile.conversion.graph_utils import ADD_OPS, INPLACE_ADD_OPS
 
 from .models import PreActResNet, TinyPreNormLM, architectures, main_output, reason_kind
 

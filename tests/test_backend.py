@@ -121,7 +121,8 @@ def test_unknown_option_is_rejected():
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, 4])
 def test_two_phase_pass_matches_plain(block_size):
-    from attnres_compile.compile.two_phase import is_depth_attention, to_two_phase
+    from attnres_compile.compile.passes import is_depth_attention
+    from attnres_compile.compile.passes.two_phase_sites import to_two_phase
 
     torch.manual_seed(block_size)
     model = TinyPreNormLM(layers=3).eval()

@@ -205,7 +205,7 @@ def test_export_onnx_dynamic(cli):
 
     import onnx
 
-    from attnres_compile.onnx.export import count_depth_attention_nodes
+    from attnres_compile.onnx import count_depth_attention_nodes
 
     proto = onnx.load(cli.tmp / "gpt.onnx")
     assert count_depth_attention_nodes(proto) == 8  # every site with more than one source

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attnres_compile as ac
-from attnres_compile.convert.blocks import block_schedule
+from attnres_compile.conversion.blocks import block_schedule
 
 from .models import (
     DataDependentNet, NoResidualNet, PostNormNet, TinyPreNormLM, hf_configs, main_output,

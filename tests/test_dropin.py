@@ -6,7 +6,7 @@ called the way its users call it. Two references:
 
 * at step 0 (zero queries), the original model itself: exact mode must reproduce it;
 * with random queries, the SPEC schedule applied by another mechanism: the captured graph of
-  that very call rewritten node by node (convert/graph_rewrite.py) with the same weights, or,
+  that very call rewritten node by node (conversion/graph_rewrite.py) with the same weights, or,
   for the examples GPT, a hand-written loop over its blocks.
 """
 
@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import attnres_compile as ac
-from attnres_compile.convert.capture import capture
+from attnres_compile.conversion.capture import capture
 from attnres_compile.ops.reference import depth_attention_reference
 from attnres_compile.plan.schedule import block_schedule
 
@@ -689,7 +689,7 @@ def test_a_saved_plan_finds_the_models_code_by_module_and_rederives_when_it_move
     unchanged; a plan of another structure is refused naming the first difference. (The
     edited plans are sealed again with their digest, as a library upgrade's would be: an edit
     alone is refused, tests/test_plan_format.py.)"""
-    from attnres_compile.convert.build import ConversionPlan
+    from attnres_compile.conversion.build import ConversionPlan
     from attnres_compile.plan.format import plan_digest
 
     def sealed(doc):

@@ -11,7 +11,7 @@ import torch
 import attnres_compile as ac
 from attnres_compile.ops import depth_attention_norm, depth_attention_partial, depth_attention_reference
 from attnres_compile.ops.kernels import dispatch as _dispatch
-from attnres_compile.compile.fuse_epilogues import fuse_epilogues
+from attnres_compile.compile.passes.fuse_epilogues import fuse_epilogues
 
 from .models import TinyPreNormLM
 

@@ -67,7 +67,7 @@ def test_runs_with_no_c_compiler_on_path(tmp_path):
         import attnres_compile as ac
         from attnres_compile.ops.kernels import cpu as cpu_kernels
         from attnres_compile.onnx import ort_kernel
-        from attnres_compile.onnx.export import ort_session
+        from attnres_compile.onnx import ort_session
         from tests.models import TinyPreNormLM as TinyLM
         assert cpu_kernels.available(), cpu_kernels.load_error()
         model = TinyLM(d=32, layers=4)
@@ -121,7 +121,7 @@ def test_without_the_native_build_one_warning_and_the_pytorch_path():
 
 
 def test_ort_session_falls_back_to_the_function_body(monkeypatch):
-    from attnres_compile.onnx.export import ort_session
+    from attnres_compile.onnx import ort_session
 
     torch.manual_seed(0)
     model = TinyLM(d=16, layers=2)

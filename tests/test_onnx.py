@@ -11,14 +11,8 @@ from torch.export import Dim
 
 import attnres_compile as ac
 from attnres_compile.onnx import ort_kernel
-from attnres_compile.onnx.export import (
-    DOMAIN,
-    OP_TYPE,
-    UNSTACKED_OP_TYPE,
-    count_depth_attention_nodes,
-    ort_session,
-    unstack_sources,
-)
+from attnres_compile.onnx import DOMAIN, OP_TYPE, count_depth_attention_nodes, ort_session
+from attnres_compile.onnx.session import UNSTACKED_OP_TYPE, unstack_sources
 
 from .models import TinyPreNormLM, hf_configs, main_output
 
@@ -195,7 +189,7 @@ def test_fused_session_falls_back_for_float16_sources():
     """The kernel is float32 only; a float16 node runs the function body (with a warning)."""
     import onnx.helper as oh
 
-    from attnres_compile.onnx.export import function_proto
+    from attnres_compile.onnx import function_proto
 
     f16 = onnx.TensorProto.FLOAT16
     node = oh.make_node(OP_TYPE, ["s", "q", "g"], ["h"], domain=DOMAIN, eps=1e-6, scale=1.0)

@@ -128,17 +128,19 @@ def test_arm_without_a_pretrained_baseline_says_how_to_make_one(tmp_path):
         retrofit.run_arm(retrofit.tiny_config("exact"), tmp_path, tmp_path / "none")
 
 
-def test_cli_train_retrofit_writes_under_the_working_directory(tmp_path):
-    from tests.test_train_lm import _cli
+def test_retrofit_command_line_writes_where_it_is_told(tmp_path):
+    from tests.test_train_lm import _example
 
-    r = _cli("train", "retrofit", "arm", "--arm", "adapter", "--tiny", cwd=tmp_path)
+    out, states = tmp_path / "retrofit", tmp_path / "states"
+    r = _example("examples.retrofit", "arm", "--arm", "adapter", "--tiny", "--out", str(out), "--states", str(states))
     assert r.returncode == 0, r.stderr
-    rec = json.loads((tmp_path / "attnres_runs" / "retrofit" / "L2d32_adapter_s0.json").read_text())
+    rec = json.loads((out / "L2d32_adapter_s0.json").read_text())
     assert rec["base_max_abs_change"] == 0.0
-    assert (tmp_path / "attnres_runs" / "retrofit" / "states" / "L2d32_pretrained_s0.pt").is_file()
-    r = _cli("train", "retrofit", "arm", "--arm", "lr10", "--tiny", cwd=tmp_path)   # a recipe arm, same states
+    assert (states / "L2d32_pretrained_s0.pt").is_file()
+    recipe = tmp_path / "retrofit_recipe"   # a recipe arm, from the same pretrained states
+    r = _example("examples.retrofit", "arm", "--arm", "lr10", "--tiny", "--out", str(recipe), "--states", str(states))
     assert r.returncode == 0, r.stderr
-    rec = json.loads((tmp_path / "attnres_runs" / "retrofit_recipe" / "L2d32_lr10_s0.json").read_text())
+    rec = json.loads((recipe / "L2d32_lr10_s0.json").read_text())
     assert rec["config"]["attnres_lr_mult"] == 10.0 and rec["base_max_abs_change"] > 0
-    r = _cli("train", "retrofit", "arm", "--arm", "nope", cwd=tmp_path)
+    r = _example("examples.retrofit", "arm", "--arm", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr

@@ -24,7 +24,8 @@ from attnres_compile.checks import site_paths
 from attnres_compile.ops.kernels import selfcheck
 from attnres_compile.ops import depth_attention, depth_attention_reference
 from attnres_compile.ops.kernels import dispatch as _dispatch
-from attnres_compile.ops.depth_attention import plain_cpu_path, record_site_paths
+from attnres_compile.ops.depth_attention import plain_cpu_path
+from attnres_compile.ops.paths import record_site_paths
 
 from .models import TinyPreNormLM
 
@@ -226,8 +227,7 @@ def _run_variant(variant: str, dtype=torch.float32):
     """Call the op that launches ``variant``; return (output, PyTorch result, query)."""
     from attnres_compile.ops import (depth_attention_norm, depth_attention_partial, depth_attention_phase1,
                                      depth_attention_phase2)
-    from attnres_compile.ops.fused import _norm
-    from attnres_compile.ops.two_phase import _phase1_impl, _phase2_impl
+    from attnres_compile.ops.reference import norm_reference, phase1_reference, phase2_reference
 
     sources, q, g = inputs(dtype)
     eps = 1e-6
@@ -244,19 +244,19 @@ def _run_variant(variant: str, dtype=torch.float32):
         w, b = torch.ones(D) * 1.1, (torch.full((D,), 0.1) if kind == "layernorm" else None)
         out = depth_attention_norm(sources, q, g, eps=eps, weight=w, bias=b, norm_eps=1e-5, kind=kind)
         h = ref64(sources, q, g, eps)
-        return out, _norm(h, kind, w.double(), None if b is None else b.double(), 1e-5), q
+        return out, norm_reference(h, kind, w.double(), None if b is None else b.double(), 1e-5), q
     if variant == "forward_partial":
         h, p = depth_attention_partial(sources[:2], sources[2], sources[0], q, g, eps=eps)
         return h, ref64([*sources[:2], sources[2].double() + sources[0].double()], q, g, eps), q
     qs, gs = torch.stack([q, 0.5 * q]), torch.stack([g, g])
     if variant == "phase1":
         o, m, z = depth_attention_phase1(sources, qs, gs, eps=eps)
-        want = _phase1_impl([s.double() for s in sources], qs.double(), gs.double(), eps)
+        want = phase1_reference([s.double() for s in sources], qs.double(), gs.double(), eps=eps)
         return torch.cat([o.flatten(), m.flatten(), z.flatten()]), torch.cat([t.flatten() for t in want]), q
-    o, m, z = _phase1_impl(sources[:2], qs, gs, eps)
+    o, m, z = phase1_reference(sources[:2], qs, gs, eps=eps)
     out = depth_attention_phase2(o[0], m[0], z[0], sources[2], q, g, eps=eps)
-    want = _phase2_impl(o[0].double(), m[0].double(), z[0].double(), sources[2].double(), q.double(), g.double(),
-                        eps, 1.0)
+    want = phase2_reference(o[0].double(), m[0].double(), z[0].double(), sources[2].double(), q.double(),
+                            g.double(), eps=eps)
     return out, want, q
 
 

@@ -3,7 +3,7 @@
 The real runs take ~10 minutes each (docs/results.md); here every variant trains a 2-layer
 model for a few steps, and the test checks what the study relies on: finite, decreasing
 losses, every measurement written, depth weights that are distributions, figures drawn,
-and `attnres plot-weights` / `attnres train` end to end.
+and `attnres plot-weights` / `python -m examples.train_lm` end to end.
 """
 
 from __future__ import annotations
@@ -177,18 +177,24 @@ def test_cli_plot_weights_bad_input(tmp_path):
     assert r.returncode == 2 and "not a program saved with torch.export.save" in r.stderr
 
 
-def test_cli_train_tiny(tmp_path):
-    r = _cli("train", "run", "--tiny", "--variant", "block4", "--out", str(tmp_path))
+def _example(module: str, *args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_train_lm_command_line_tiny(tmp_path):
+    r = _example("examples.train_lm", "run", "--tiny", "--variant", "block4", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "L2d32_block4_s0.json").read_text())
     assert math.isfinite(rec["final_val_loss"])
-    r = _cli("train", "run", "--variant", "nope")
+    r = _example("examples.train_lm", "run", "--variant", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
-    r = _cli("train", "--help")
+    r = _example("examples.train_lm", "--help")
     assert r.returncode == 0 and "usage: python -m examples.train_lm" in r.stdout
 
 
-def test_cli_train_writes_under_the_working_directory(tmp_path):
-    r = _cli("train", "run", "--tiny", "--variant", "block4", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "attnres_runs" / "L2d32_block4_s0.json").is_file()
+def test_attnres_train_says_where_the_study_moved():
+    """The package's command line imports nothing of examples/: `attnres train` names the module."""
+    r = _cli("train", "run", "--tiny")
+    assert r.returncode == 2 and "python -m examples.train_lm" in r.stderr and "Traceback" not in r.stderr

@@ -133,13 +133,13 @@ def test_generated_source_is_specialised(m, d, dtype):
 
 @needs_triton
 def test_kernels_are_cached_on_disk_and_memoised(tmp_path, monkeypatch):
-    from attnres_compile.ops.kernels import triton_codegen
+    from attnres_compile.ops.kernels import triton_cache
 
     monkeypatch.setenv("ATTNRES_COMPILE_CACHE", str(tmp_path))
     spec = KernelSpec("fwd", d=7, dtype="fp32", m=2, block_t=2)
-    monkeypatch.setattr(triton_codegen, "_LOADED", {})
-    k1 = triton_codegen.load_kernel(spec)
-    k2 = triton_codegen.load_kernel(spec)
+    monkeypatch.setattr(triton_cache, "_LOADED", {})
+    k1 = triton_cache.load_kernel(spec)
+    k2 = triton_cache.load_kernel(spec)
     assert k1 is k2
     files = list((tmp_path / "triton").glob("attnres_fwd_m2_d7_fp32_bt2_*.py"))
     assert len(files) == 1 and files[0].read_text() == generate_source(spec)

@@ -1,0 +1,1 @@
+"""The `attnres` torch.compile backend (backend.py) and its graph passes (passes/)."""

@@ -18,10 +18,11 @@ torch._dynamo.list_backends()` after `pip install`.
   `save_attnres`). A backend cannot hand new parameters to an optimizer: to *train* AttnRes,
   `convert()` the model first; the backend warns when it sees gradients flowing.
 
-Options: `weights`, `preserve` ("exact" by default), `num_blocks`, `block_size`, `eps`,
-`two_phase` (force the two-phase schedule under no_grad on CPU too; it is always used on CUDA),
-`decompose` (CPU: let Inductor generate the sites; default True), `fuse` (CUDA: fuse each site
-with the partial-sum add before it or the norm after it, `compile/fuse_epilogues.py`; default True).
+Options: `weights`, and the fields of AttnResConfig (plan/config.py): `preserve` ("exact" by
+default here), `num_blocks`, `block_size`, `eps`, `two_phase` (the two-phase schedule under
+no_grad on CPU too; it is always used on CUDA), `decompose` (CPU: let Inductor generate the
+sites; default True), `fuse` (CUDA: fuse each site with the partial-sum add before it or the
+norm after it; default True). The graph passes are compile/passes/.
 """
 
 from __future__ import annotations
@@ -31,14 +32,23 @@ import warnings
 
 import torch
 
+from ..api import convert, is_converted, load_attnres_state_dict, read_attnres_file
+from ..plan.config import AttnResConfig
+from ..runtime import is_planned
+from .passes import PassContext, is_depth_attention, run_passes
+
 log = logging.getLogger("attnres_compile")
 
-_OPTION_KEYS = {"weights", "preserve", "num_blocks", "block_size", "eps", "two_phase", "decompose", "fuse"}
+def _config(options: dict) -> AttnResConfig:
+    """The backend's options (all but `weights`) as one AttnResConfig; exact mode by default."""
+    known = sorted((*AttnResConfig.names(), "weights"))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s) for the attnres backend: {unknown}; known: {known}")
+    return AttnResConfig.from_options({k: v for k, v in options.items() if k != "weights"}, preserve="exact")
 
 
 def _has_depth_attention(gm: torch.fx.GraphModule) -> bool:
-    from .two_phase import is_depth_attention
-
     return any(is_depth_attention(n) for n in gm.graph.nodes)
 
 
@@ -52,28 +62,23 @@ def _layout_from_weights(weights) -> dict | None:
     """The layout saved with a weights file (validated: plan/format.py), None for a dict or none."""
     if isinstance(weights, dict) or weights is None:
         return None
-    from ..api import read_attnres_file
-
     return read_attnres_file(weights, tensors=False)[1]
 
 
 def _convert_unconverted(gm, example_inputs, options: dict):
-    from ..api import convert, load_attnres_state_dict
-
     weights = options.get("weights")
     layout = _layout_from_weights(weights)
-    preserve = options.get("preserve", layout["preserve"] if layout else "exact")
-    num_blocks, block_size = options.get("num_blocks"), options.get("block_size")
-    if layout and num_blocks is None and block_size is None and layout["chains"]:
-        block_size = layout["chains"][0]["block_size"]
+    config = _config(options)
+    if layout and "preserve" not in options:
+        config = config.replace(preserve=layout["preserve"])
+    if layout and config.num_blocks is None and config.block_size is None and layout["chains"]:
+        config = config.replace(block_size=layout["chains"][0]["block_size"])
     # Fresh tensors: capture marks its inputs' dynamic dims, which would break Dynamo's guards
     # on the caller's own tensors.
     inputs = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
-    converted = convert(gm, inputs, preserve=preserve, num_blocks=num_blocks,
-                        block_size=block_size, eps=options.get("eps"),
-                        # symbolic capture inside a backend breaks Dynamo's guards on the
-                        # caller's frame; Dynamo recompiles (and we reconvert) for new shapes
-                        dynamic=False)
+    # symbolic capture inside a backend breaks Dynamo's guards on the caller's frame; Dynamo
+    # recompiles (and we reconvert) for new shapes
+    converted = convert(gm, inputs, config=config.replace(dynamic=False))
     if weights is not None:
         load_attnres_state_dict(converted, weights)
     for p in converted.attnres.parameters():
@@ -102,17 +107,14 @@ def _in_converted_model() -> bool:
     """Whether the frame being compiled belongs to a model converted by attnres_compile."""
     import sys
 
-    from ..api import is_converted
-    from ..runtime.core import _Planned
 
     child, _ = _compiled_frame()
-    if isinstance(child, torch.nn.Module) and (isinstance(child.__dict__.get("forward"), _Planned)
-                                                or is_converted(child)):
+    if isinstance(child, torch.nn.Module) and (is_planned(child) or is_converted(child)):
         return True
     f = sys._getframe(1)
     while f is not None:
         owner = f.f_locals.get("self")
-        if isinstance(owner, torch.nn.Module) and isinstance(owner.__dict__.get("forward"), _Planned):
+        if isinstance(owner, torch.nn.Module) and is_planned(owner):
             return True
         f = f.f_back
     return False
@@ -156,28 +158,12 @@ def attnres_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     """Dynamo backend: lower depth attention and compile the rest with Inductor."""
     options = dict(options or {})
     if _has_depth_attention(gm):
-        unknown = set(options) - _OPTION_KEYS
-        if unknown:
-            raise ValueError(f"unknown option(s) for the attnres backend: {sorted(unknown)}")
+        # The converted graph's sites, through the passes that apply (compile/passes/):
+        # two-phase where gradients are off (a win with the CUDA kernels; on CPU the fused
+        # single-pass op measured faster, docs/performance.md), the fused epilogues on CUDA,
+        # Inductor-generated sites on CPU.
         on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
-        if not torch.is_grad_enabled() and (on_cuda or options.get("two_phase", False)):
-            # two-phase serves S sites with one read of the completed blocks: a win with the
-            # CUDA kernels; on CPU the fused single-pass op measured faster (docs/performance.md)
-            from .two_phase import to_two_phase
-
-            to_two_phase(gm)
-        if on_cuda and options.get("fuse", True):
-            # CUDA: the site fused with the partial-sum add before it or the norm after it, one
-            # generated Triton kernel each (compile/fuse_epilogues.py)
-            from .fuse_epilogues import fuse_epilogues
-
-            fuse_epilogues(gm)
-        if not on_cuda and options.get("decompose", True):
-            # CPU: Inductor generates the sites and fuses them with their producers and
-            # consumers (compile/decompose.py); on CUDA the ops' Triton kernels are the fused path
-            from .decompose import decompose_sites
-
-            decompose_sites(gm)
+        run_passes(gm, PassContext(cuda=on_cuda, grad=torch.is_grad_enabled(), config=_config(options)))
         return _inductor(gm, example_inputs)
 
     if _in_converted_model():
@@ -185,9 +171,7 @@ def attnres_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         # split off): its streams are converted already, it compiles as it is.
         return _inductor(gm, example_inputs)
     _refuse_split_model(gm)
-    unknown = set(options) - _OPTION_KEYS
-    if unknown:
-        raise ValueError(f"unknown option(s) for the attnres backend: {sorted(unknown)}; known: {sorted(_OPTION_KEYS)}")
+    _config(options)  # an unknown or invalid option is refused now, not at the first call
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         warnings.warn(
             "torch.compile(backend='attnres') on an unconverted model holds the AttnRes parameters as "

@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..api import is_converted
 from ..errors import AttnResError
-from .export import ONNX_OPSET, finish_proto, translation_table
+from .node import ONNX_OPSET, finish_proto, translation_table
+from .session import ort_session
 
 
 class GenerationExportError(AttnResError, ValueError):
@@ -135,8 +137,6 @@ class _DecoderWithPast(nn.Module):
 def export_decoder(model: nn.Module, path: str | os.PathLike | None = None, *, inline: bool = False):
     """Export a converted causal LM as one decoder with past (prefill and decode); returns the
     onnx.ModelProto (also saved to `path`). Raises GenerationExportError naming what is missing."""
-    from ..api import is_converted
-
     if not is_converted(model):
         raise TypeError(f"export_decoder expects a model converted by attnres_compile.convert(), got "
                         f"{type(model).__name__}")
@@ -240,8 +240,6 @@ def export_for_generation(model: nn.Module, folder: str | os.PathLike) -> Path:
 
 def _session(model, fused: bool):
     import onnxruntime as ort
-
-    from .export import ort_session
 
     if isinstance(model, ort.InferenceSession):
         return model

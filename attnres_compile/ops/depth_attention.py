@@ -29,23 +29,22 @@ The backward is analytic (it does not autograd through the forward). With ``u = 
 All math runs in float32 (float64 when the sources are float64); results are cast back to
 each input's dtype.
 
-Where the work runs (``_dispatch.py``, docs/kernels.md):
+Where the work runs (``kernels/dispatch.py``, docs/kernels.md):
 
 * CUDA tensors: generated Triton kernels (``ops/kernels/triton_codegen.py``), launched through
   ``torch.library.wrap_triton`` from ``torch.library.triton_op`` bodies, so Inductor sees them.
-  Each kernel variant checks itself on first use against the plain implementation below and is
+  Each kernel variant checks itself on first use against ops/reference.py and is
   disabled, with one warning, when it fails (``ops/kernels/selfcheck.py``).
 * CPU tensors: the native kernels built at install (``attnres_compile._C``,
-  ``ops/kernels/cpu.py``), falling back to the plain implementation below when the
+  ``ops/kernels/cpu.py``), falling back to ops/reference.py when the
   package was installed without them (one warning); the plain path can be forced with
   :func:`plain_cpu_path`.
 * Eager CPU calls outside any capture (no Dynamo, export, dispatch mode, functorch transform
   or tensor subclass) skip the Python op altogether: :func:`depth_attention` and the converted
   models' sites call ``attnres_native::depth_attention``, whose forward and analytic backward are
   C++ (one dispatcher call per site). Every capture still records ``attnres::depth_attention``.
-* Everything else, and fake tensors: the plain PyTorch implementation
-  ``_depth_attention_forward_impl`` / ``_depth_attention_backward_impl``, which is also the
-  readable statement of the math the kernels are tested against.
+* Everything else, and fake tensors: the plain PyTorch functions of ``ops/reference.py``,
+  the one statement of the math, which the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -57,9 +56,12 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .kernels import cpu as cpu_kernels
 from .kernels import dispatch as _dispatch
+from .paths import NATIVE_CPU, TRITON, pytorch_path, record_path, recording
+from .reference import depth_attention_backward_reference, depth_attention_reference
 
-__all__ = ["depth_attention", "plain_cpu_path", "record_site_paths"]
+__all__ = ["depth_attention", "depth_attention_call", "native_eager", "plain_cpu_path"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,83 +127,12 @@ def _check_inputs(sources: object, query: object, norm_weight: object, eps: obje
 
 
 # --------------------------------------------------------------------------------------------
-# Compute (the swappable hot path)
-# --------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _scores(vs: list[Tensor], u: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Per-source logits ``s`` [M, ...] and inverse RMS ``1/r`` [M, ...] (compute dtype)."""
-    dim = vs[0].shape[-1]
-    inv_r = torch.stack([torch.rsqrt(torch.linalg.vector_norm(v, dim=-1).square() / dim + eps) for v in vs])
-    s = torch.stack([torch.matmul(v, u) for v in vs]) * inv_r
-    return s, inv_r
-
-
-def _depth_attention_forward_impl(
-    sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
-) -> Tensor:
-    """sources: M x [..., D]; query, norm_weight: [D] -> h [..., D] (contiguous, sources' dtype)."""
-    out_dtype = sources[0].dtype
-    compute = _compute_dtype(out_dtype)
-    vs = [s.to(compute) for s in sources]
-    u = query.to(compute) * norm_weight.to(compute)
-    s, _ = _scores(vs, u, eps)
-    weights = torch.softmax(s, dim=0).unsqueeze(-1)  # [M, ..., 1]
-    if scale != 1.0:
-        weights = weights * scale
-    h = vs[0] * weights[0]
-    for j in range(1, len(vs)):
-        h.addcmul_(vs[j], weights[j])
-    return h.to(out_dtype).contiguous()
-
-
-def _depth_attention_backward_impl(
-    grad_out: Tensor, sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float
-) -> tuple[list[Tensor], Tensor, Tensor]:
-    """Analytic backward: grads of every source [..., D], of query [D] and of norm_weight [D]."""
-    src_dtype = sources[0].dtype
-    compute = _compute_dtype(src_dtype)
-    dim = sources[0].shape[-1]
-    vs = [s.to(compute) for s in sources]
-    w = query.to(compute)
-    g = norm_weight.to(compute)
-    u = w * g
-    s, inv_r = _scores(vs, u, eps)                           # [M, ...]
-    alpha = torch.softmax(s, dim=0)                          # [M, ...]
-    grad = grad_out.to(compute) * scale                      # [..., D]; also densifies expanded grads
-    da = torch.stack([torch.linalg.vecdot(grad, v) for v in vs])
-    # ds_j = alpha_j * (da_j - sum_i alpha_i da_i) is shift invariant in da. Measuring da from
-    # the winning source keeps it accurate when the softmax is peaked (alpha_max -> 1):
-    # the winner's own term is then exactly zero instead of a difference of near-equal numbers.
-    da = da - da.gather(0, s.argmax(dim=0, keepdim=True))
-    ds = alpha * (da - (alpha * da).sum(dim=0, keepdim=True))
-    c_u = ds * inv_r                                          # coefficient of u (and of v_j in du)
-    c_v = c_u * s * inv_r / dim                               # coefficient of -v_j
-
-    grad_sources: list[Tensor] = []
-    du = torch.zeros(dim, dtype=compute, device=u.device)
-    for j, v in enumerate(vs):
-        dv = grad * alpha[j].unsqueeze(-1)
-        dv.addcmul_(c_u[j].unsqueeze(-1), u)
-        dv.addcmul_(c_v[j].unsqueeze(-1), v, value=-1.0)
-        grad_sources.append(dv.to(src_dtype).contiguous())
-        du.addmv_(v.reshape(-1, dim).t(), c_u[j].reshape(-1))
-    grad_query = (du * g).to(query.dtype)
-    grad_norm_weight = (du * w).to(norm_weight.dtype)
-    return grad_sources, grad_query, grad_norm_weight
-
-
-# --------------------------------------------------------------------------------------------
 # Op registration
 # --------------------------------------------------------------------------------------------
 #
 # Each op has one device-generic body (CUDA -> generated Triton kernels through wrap_triton;
-# other devices and fake tensors -> the plain implementation above) and a CPU kernel (the
-# compiled C fast path, falling back to the plain implementation). See ``_dispatch.py``.
+# other devices and fake tensors -> ops/reference.py) and a CPU kernel (the compiled C fast
+# path, falling back to ops/reference.py). See ``kernels/dispatch.py``.
 
 
 def _forward(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float,
@@ -211,20 +142,18 @@ def _forward(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: flo
     if _dispatch.use_triton(sources[0], "forward"):
         from .kernels import triton_launch as triton_kernels
 
-        if _RECORDING:
+        if recording:
             record_path(query, TRITON)
         return triton_kernels.forward(sources, query, norm_weight, eps, scale)
     if c_kernels and _FAST_CPU[0]:
-        from .kernels import cpu as cpu_kernels
-
         out = cpu_kernels.forward(sources, query, norm_weight, eps, scale)
         if out is not None:
-            if _RECORDING:
+            if recording:
                 record_path(query, NATIVE_CPU)
             return out
-    if _RECORDING:
+    if recording:
         record_path(query, pytorch_path(sources[0], "forward"))
-    return _depth_attention_forward_impl(sources, query, norm_weight, eps, scale)
+    return depth_attention_reference(sources, query, norm_weight, eps=eps, scale=scale).contiguous()
 
 
 def _backward_dispatch(grad_out: Tensor, sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float,
@@ -237,12 +166,10 @@ def _backward_dispatch(grad_out: Tensor, sources: list[Tensor], query: Tensor, n
 
         return triton_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
     if c_kernels and _FAST_CPU[0]:
-        from .kernels import cpu as cpu_kernels
-
         out = cpu_kernels.backward(grad_out, sources, query, norm_weight, eps, scale)
         if out is not None:
             return out
-    return _depth_attention_backward_impl(grad_out, sources, query, norm_weight, eps, scale)
+    return depth_attention_backward_reference(grad_out, sources, query, norm_weight, eps=eps, scale=scale)
 
 
 def _depth_attention_body(
@@ -305,8 +232,6 @@ def native_eager(sources: Sequence[object], query: object, norm_weight: object) 
             or _dispatch.triton_on_cpu_enabled()):    # (tests route CPU tensors to the Triton kernels)
         return False
     if not _CPU_KERNELS:
-        from .kernels import cpu as cpu_kernels
-
         _CPU_KERNELS.append(cpu_kernels)
     return _CPU_KERNELS[0].available()
 
@@ -321,67 +246,10 @@ def depth_attention_call(sources: list[Tensor], query: Tensor, norm_weight: Tens
     """The site as converted models run it (arguments already checked by construction): the
     native eager op when :func:`native_eager` allows, else the ``attnres::depth_attention`` op."""
     if native_eager(sources, query, norm_weight):
-        if _RECORDING:
+        if recording:
             record_path(query, NATIVE_CPU)
         return _native_entry()(sources, query, norm_weight, eps, scale)
     return torch.ops.attnres.depth_attention.default(sources, query, norm_weight, eps, scale)
-
-
-# --------------------------------------------------------------------------------------------
-# Which implementation ran (verify() and ``attnres check`` report it per site)
-# --------------------------------------------------------------------------------------------
-
-TRITON = "triton"
-NATIVE_CPU = "native CPU kernel"
-PYTORCH = "PyTorch"
-
-#: The active :class:`SitePaths` recorders; empty (the hot path's one check) when none.
-_RECORDING: list = []
-
-
-class SitePaths:
-    """What :func:`record_site_paths` collects: per site (its query tensor), the implementations
-    its forward ran, in order of first use."""
-
-    def __init__(self) -> None:
-        self._by_id: dict[int, tuple[Tensor, list[str]]] = {}
-
-    def add(self, query: Tensor, path: str) -> None:
-        entry = self._by_id.get(id(query))
-        if entry is None or entry[0] is not query:
-            self._by_id[id(query)] = (query, [path])
-        elif path not in entry[1]:
-            entry[1].append(path)
-
-    def of(self, query: Tensor) -> str | None:
-        """The path(s) of the site whose query is ``query`` (``" / "``-joined), None if it did not run."""
-        entry = self._by_id.get(id(query))
-        return " / ".join(entry[1]) if entry is not None and entry[0] is query else None
-
-
-@contextlib.contextmanager
-def record_site_paths() -> Iterator[SitePaths]:
-    """Record, for every depth-attention site that runs inside the block, which implementation
-    its forward ran: ``"triton"``, ``"native CPU kernel"``, ``"PyTorch"``, or ``"PyTorch (triton
-    <variant> disabled: <reason>)"`` when the kernel failed its self-check; two-phase sites read
-    ``"two-phase: ..."``. Sites are keyed by their query tensor (the parameter)."""
-    rec = SitePaths()
-    _RECORDING.append(rec)
-    try:
-        yield rec
-    finally:
-        _RECORDING.remove(rec)  # SitePaths compares by identity
-
-
-def record_path(query: Tensor, path: str) -> None:
-    for rec in list(_RECORDING):
-        rec.add(query, path)
-
-
-def pytorch_path(t: Tensor, variant: str) -> str:
-    """``"PyTorch"``, naming the disabled Triton kernel when its self-check made it so."""
-    reason = _dispatch.triton_disabled_reason(t, variant)
-    return PYTORCH if reason is None else f"{PYTORCH} (triton {variant} disabled: {reason})"
 
 
 _ENTRY: list = []
@@ -390,9 +258,7 @@ _ENTRY: list = []
 def _native_entry():
     """``attnres_compile._C.depth_attention``: the eager site without the boxed op dispatch."""
     if not _ENTRY:
-        from .. import _C
-
-        _ENTRY.append(_C.depth_attention)
+        _ENTRY.append(cpu_kernels.native_module().depth_attention)
     return _ENTRY[0]
 
 
@@ -477,7 +343,7 @@ def depth_attention(
     """
     if isinstance(sources, (list, tuple)) and sources and native_eager(sources, query, norm_weight) \
             and type(eps) is float and type(scale) is float:
-        if _RECORDING:
+        if recording:
             record_path(query, NATIVE_CPU)
         try:
             return _native_entry()(list(sources), query, norm_weight, eps, scale)

@@ -21,18 +21,12 @@ import torch
 from torch import Tensor
 
 from .kernels import dispatch as _dispatch
-from .depth_attention import _RECORDING, TRITON, _depth_attention_forward_impl, pytorch_path, record_path
+from .paths import TRITON, pytorch_path, record_path, recording
+from .reference import depth_attention_reference, norm_backward_reference, norm_reference
 
 __all__ = ["depth_attention_norm", "depth_attention_partial"]
 
 _KINDS = ("rmsnorm", "layernorm")
-
-
-def _norm(h: Tensor, kind: str, weight: Tensor, bias: Tensor | None, norm_eps: float) -> Tensor:
-    d = h.shape[-1]
-    if kind == "rmsnorm":
-        return torch.nn.functional.rms_norm(h, (d,), weight, norm_eps)
-    return torch.nn.functional.layer_norm(h, (d,), weight, bias, norm_eps)
 
 
 def _check_kind(kind: str, bias: Tensor | None) -> None:
@@ -51,33 +45,16 @@ def _norm_body(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: f
     if _dispatch.use_triton(sources[0], variant):
         from .kernels import triton_launch as triton_kernels
 
-        if _RECORDING:
+        if recording:
             record_path(query, TRITON)
         return triton_kernels.forward_norm(sources, query, norm_weight, eps, scale, weight, bias, norm_eps, kind=kind)
-    if _RECORDING:
+    if recording:
         record_path(query, pytorch_path(sources[0], variant))
-    return _norm(_depth_attention_forward_impl(sources, query, norm_weight, eps, scale), kind, weight, bias, norm_eps)
+    h = depth_attention_reference(sources, query, norm_weight, eps=eps, scale=scale)
+    return norm_reference(h, kind, weight, bias, norm_eps)
 
 
 _norm_op = _dispatch.define_op("attnres::depth_attention_norm", _norm_body, _norm_body)
-
-
-def _norm_backward_formula(dy: Tensor, h: Tensor, kind: str, weight: Tensor, norm_eps: float):
-    """(dh, dweight, dbias) of ``y = norm(h)``, float32 math, one row per token."""
-    d = h.shape[-1]
-    hf, g = h.float(), dy.float()
-    gw = g * weight.float()
-    lead = tuple(range(h.dim() - 1))
-    if kind == "rmsnorm":
-        r = torch.rsqrt(hf.square().mean(-1, keepdim=True) + norm_eps)
-        xhat = hf * r
-        dh = r * (gw - xhat * (gw * xhat).sum(-1, keepdim=True) / d)
-        return dh, (g * xhat).sum(lead), None
-    mu = hf.mean(-1, keepdim=True)
-    r = torch.rsqrt((hf - mu).square().mean(-1, keepdim=True) + norm_eps)
-    xhat = (hf - mu) * r
-    dh = r * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
-    return dh, (g * xhat).sum(lead), g.sum(lead)
 
 
 def _norm_setup(ctx, inputs, output) -> None:
@@ -91,7 +68,7 @@ def _norm_setup(ctx, inputs, output) -> None:
 def _norm_backward(ctx, dy: Tensor):
     *sources, query, norm_weight, weight = ctx.saved_tensors
     h = torch.ops.attnres.depth_attention.default(list(sources), query, norm_weight, ctx.eps, ctx.scale)
-    dh, dweight, dbias = _norm_backward_formula(dy, h, ctx.kind, weight, ctx.norm_eps)
+    dh, dweight, dbias = norm_backward_reference(dy, h, ctx.kind, weight, ctx.norm_eps)
     gs, gq, gg = torch.ops.attnres.depth_attention_backward(dh.to(h.dtype), list(sources), query, norm_weight,
                                                             ctx.eps, ctx.scale)
     return (list(gs), gq, gg, None, None, dweight.to(weight.dtype),
@@ -108,13 +85,14 @@ def _partial_body(blocks: list[Tensor], prev: Tensor, add: Tensor, query: Tensor
     if _dispatch.use_triton(prev, "forward_partial"):
         from .kernels import triton_launch as triton_kernels
 
-        if _RECORDING:
+        if recording:
             record_path(query, TRITON)
         return triton_kernels.forward_partial(blocks, prev, add, query, norm_weight, eps, scale)
-    if _RECORDING:
+    if recording:
         record_path(query, pytorch_path(prev, "forward_partial"))
     new_partial = (prev + add).contiguous()
-    return _depth_attention_forward_impl([*blocks, new_partial], query, norm_weight, eps, scale), new_partial
+    h = depth_attention_reference([*blocks, new_partial], query, norm_weight, eps=eps, scale=scale)
+    return h.contiguous(), new_partial
 
 
 _partial_op = _dispatch.define_op("attnres::depth_attention_partial", _partial_body, _partial_body)

@@ -19,7 +19,7 @@ read of the completed blocks ``b_0..b_{n-1}``:
 This equals ``depth_attention(blocks + [p], w_l, g_l)`` to rounding. It is the no-grad path:
 the ops have no autograd formula.
 
-Registered ops (see ``_dispatch.py``: CUDA -> generated Triton kernels, CPU -> compiled C
+Registered ops (see ``kernels/dispatch.py``: CUDA -> generated Triton kernels, CPU -> compiled C
 kernels or plain PyTorch)::
 
     attnres::depth_attention_phase1(Tensor[] blocks, Tensor queries, Tensor gains, float eps)
@@ -43,8 +43,10 @@ import torch
 from torch import Tensor
 
 from .kernels import dispatch as _dispatch
-from .depth_attention import _FAST_CPU, _check_param, _compute_dtype, check_tensor_sequence
-from .depth_attention import _RECORDING, NATIVE_CPU, PYTORCH, TRITON, pytorch_path, record_path
+from .depth_attention import _FAST_CPU, _check_param, check_tensor_sequence
+from .kernels import cpu as cpu_kernels
+from .paths import NATIVE_CPU, PYTORCH, TRITON, pytorch_path, record_path, recording
+from .reference import depth_attention_reference, phase1_reference, phase2_reference
 
 __all__ = [
     "depth_attention_phase1",
@@ -110,54 +112,6 @@ def _check_phase2(o, m, z, partial, query, gain, eps, scale) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Plain PyTorch implementations (CPU fallback, fake/meta, non-CUDA devices)
-# --------------------------------------------------------------------------------------------
-
-
-def _phase1_impl(blocks: Sequence[Tensor], queries: Tensor, gains: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    dtype = blocks[0].dtype
-    compute = _compute_dtype(dtype)
-    u = queries.to(compute) * gains.to(compute)  # [S, D]
-    bs = [b.to(compute) for b in blocks]
-    dim = bs[0].shape[-1]
-    scores = []
-    for b in bs:
-        inv_r = torch.rsqrt(b.square().sum(-1) / dim + eps)  # [...]
-        scores.append(torch.movedim(torch.matmul(b, u.t()), -1, 0) * inv_r)  # [S, ...]
-    m = scores[0]
-    for sc in scores[1:]:
-        m = torch.maximum(m, sc)
-    o = None
-    z = None
-    for b, sc in zip(bs, scores):
-        e = torch.exp(sc - m)
-        term = e.unsqueeze(-1) * b  # [S, ..., D]
-        o = term if o is None else o + term
-        z = e if z is None else z + e
-    return o.to(dtype).contiguous(), m.contiguous(), z.contiguous()
-
-
-def _phase2_impl(
-    o: Tensor, m: Tensor, z: Tensor, partial: Optional[Tensor], query: Tensor, gain: Tensor, eps: float, scale: float
-) -> Tensor:
-    compute = _compute_dtype(o.dtype)
-    of = o.to(compute)
-    zf = z.to(compute)
-    if partial is None:
-        h = of * (scale / zf).unsqueeze(-1)
-        return h.to(o.dtype).contiguous()
-    pf = partial.to(compute)
-    mf = m.to(compute)
-    u = query.to(compute) * gain.to(compute)
-    sp = torch.matmul(pf, u) * torch.rsqrt(pf.square().sum(-1) / pf.shape[-1] + eps)
-    mx = torch.maximum(mf, sp)
-    a = torch.exp(mf - mx)
-    b = torch.exp(sp - mx)
-    h = (a.unsqueeze(-1) * of + b.unsqueeze(-1) * pf) * (scale / (a * zf + b)).unsqueeze(-1)
-    return h.to(o.dtype).contiguous()
-
-
-# --------------------------------------------------------------------------------------------
 # Ops
 # --------------------------------------------------------------------------------------------
 
@@ -170,7 +124,7 @@ def _phase1_cpu(blocks: list[Tensor], queries: Tensor, gains: Tensor, eps: float
     return _phase1(blocks, queries, gains, eps, c_kernels=True)
 
 
-#: While site paths are recorded (``depth_attention.record_site_paths``): the path of the last
+#: While site paths are recorded (``paths.record_site_paths``): the path of the last
 #: phase 1, which the phase 2 calls of its sites report with their own.
 _LAST_PHASE1 = [PYTORCH]
 
@@ -181,20 +135,18 @@ def _phase1(blocks, queries, gains, eps, *, c_kernels: bool) -> tuple[Tensor, Te
     if _dispatch.use_triton(blocks[0], "phase1"):
         from .kernels import triton_launch as triton_kernels
 
-        if _RECORDING:
+        if recording:
             _LAST_PHASE1[0] = TRITON
         return triton_kernels.phase1(blocks, queries, gains, eps)
     if c_kernels and _FAST_CPU[0]:
-        from .kernels import cpu as cpu_kernels
-
         out = cpu_kernels.phase1(blocks, queries, gains, eps)
         if out is not None:
-            if _RECORDING:
+            if recording:
                 _LAST_PHASE1[0] = NATIVE_CPU
             return out
-    if _RECORDING:
+    if recording:
         _LAST_PHASE1[0] = pytorch_path(blocks[0], "phase1")
-    return _phase1_impl(blocks, queries, gains, eps)
+    return phase1_reference(blocks, queries, gains, eps=eps)
 
 
 def _phase2_body(
@@ -215,20 +167,18 @@ def _phase2(o, m, z, partial, query, gain, eps, scale, *, c_kernels: bool) -> Te
     if f32_state and _dispatch.use_triton(o, "phase2"):
         from .kernels import triton_launch as triton_kernels
 
-        if _RECORDING:
+        if recording:
             _record_two_phase(query, TRITON)
         return triton_kernels.phase2(o, m, z, partial, query, gain, eps, scale)
     if c_kernels and _FAST_CPU[0] and f32_state:
-        from .kernels import cpu as cpu_kernels
-
         out = cpu_kernels.phase2(o, m, z, partial, query, gain, eps, scale)
         if out is not None:
-            if _RECORDING:
+            if recording:
                 _record_two_phase(query, NATIVE_CPU)
             return out
-    if _RECORDING:
+    if recording:
         _record_two_phase(query, pytorch_path(o, "phase2") if f32_state else PYTORCH)
-    return _phase2_impl(o, m, z, partial, query, gain, eps, scale)
+    return phase2_reference(o, m, z, partial, query, gain, eps=eps, scale=scale)
 
 
 def _record_two_phase(query: Tensor, phase2: str) -> None:
@@ -260,17 +210,8 @@ def depth_attention_phase1(
     return torch.ops.attnres.depth_attention_phase1(list(blocks), queries, gains, float(eps))
 
 
-def depth_attention_phase2(
-    o: Tensor,
-    m: Tensor,
-    z: Tensor,
-    partial: Tensor | None,
-    query: Tensor,
-    gain: Tensor,
-    *,
-    eps: float,
-    scale: float = 1.0,
-) -> Tensor:
+def depth_attention_phase2(o: Tensor, m: Tensor, z: Tensor, partial: Tensor | None, query: Tensor, gain: Tensor,
+                           *, eps: float, scale: float = 1.0) -> Tensor:
     """Phase 2 for one site: merge the running partial (or none) into phase 1's ``(o, m, z)``.
 
     Args:
@@ -288,15 +229,8 @@ def depth_attention_phase2(
     return torch.ops.attnres.depth_attention_phase2(o, m, z, partial, query, gain, float(eps), float(scale))
 
 
-def two_phase_block(
-    blocks: Sequence[Tensor],
-    queries: Tensor,
-    gains: Tensor,
-    partials: Sequence[Tensor | None],
-    *,
-    eps: float,
-    scale: float | Sequence[float] = 1.0,
-) -> list[Tensor]:
+def two_phase_block(blocks: Sequence[Tensor], queries: Tensor, gains: Tensor, partials: Sequence[Tensor | None],
+                    *, eps: float, scale: float | Sequence[float] = 1.0) -> list[Tensor]:
     """All ``S`` sites of one block through the two ops: phase 1 once, phase 2 per site.
 
     ``partials[l]`` is the running partial seen by site ``l`` (``None`` for the first site);
@@ -311,42 +245,10 @@ def two_phase_block(
     ]
 
 
-def two_phase_reference(
-    blocks: Sequence[Tensor],
-    queries: Tensor,
-    gains: Tensor,
-    partials: Sequence[Tensor | None],
-    *,
-    eps: float,
-    scale: float = 1.0,
-) -> list[Tensor]:
-    """Algorithm 1 written out in plain PyTorch (math in float32, float64 for float64 inputs).
-
-    For the ``S = len(partials)`` sites of one block: phase 1 over the completed ``blocks``
-    (scores, running max ``m_l``, sum ``z_l``, unnormalised ``o_l``), then phase 2 for each site
-    with its partial. Returns ``[h_0, ..., h_{S-1}]`` in the blocks' dtype.
-    """
-    dtype = blocks[0].dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    V = torch.stack([b.to(compute) for b in blocks])  # [N, ..., D]
-    rms = torch.sqrt(V.pow(2).mean(-1) + eps)  # [N, ...]
-    hs = []
-    for l, p in enumerate(partials):
-        u = queries[l].to(compute) * gains[l].to(compute)
-        # phase 1 (would be shared by all sites of the block)
-        s = (V * u).sum(-1) / rms  # [N, ...]
-        m1 = s.max(dim=0).values
-        z1 = torch.exp(s - m1).sum(0)
-        o1 = (torch.exp(s - m1).unsqueeze(-1) * V).sum(0)
-        # phase 2
-        if p is None:
-            h = o1 / z1.unsqueeze(-1)
-        else:
-            pf = p.to(compute)
-            s2 = (pf * u).sum(-1) / torch.sqrt(pf.pow(2).mean(-1) + eps)
-            m = torch.maximum(m1, s2)
-            num = torch.exp(m1 - m).unsqueeze(-1) * o1 + torch.exp(s2 - m).unsqueeze(-1) * pf
-            den = torch.exp(m1 - m) * z1 + torch.exp(s2 - m)
-            h = num / den.unsqueeze(-1)
-        hs.append((scale * h).to(dtype))
-    return hs
+def two_phase_reference(blocks: Sequence[Tensor], queries: Tensor, gains: Tensor,
+                        partials: Sequence[Tensor | None], *, eps: float, scale: float = 1.0) -> list[Tensor]:
+    """What Algorithm 1 must equal: each of the ``S = len(partials)`` sites of one block is the
+    single-pass site over the completed ``blocks`` and its partial (``ops/reference.py``).
+    Returns ``[h_0, ..., h_{S-1}]`` in the blocks' dtype."""
+    return [depth_attention_reference([*blocks, *([p] if p is not None else [])], queries[l], gains[l], eps=eps,
+                                      scale=scale) for l, p in enumerate(partials)]

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AttnResError
-from ..runtime.core import site_output as _site_output
-from ..runtime.state import _Run
+from ..runtime import site_output as _site_output
+from ..runtime.state import Run
 
 CACHE_POLICIES = ("none", "received", "held")
 
@@ -145,7 +145,7 @@ class AttnResStage(nn.Module):
         new = n_blocks - len(cached)
         blocks = cached + received[:new]
         partial = received[new] if has_partial else None
-        run = _Run(chain, blocks[0], detached=False, call=call)
+        run = Run(chain, blocks[0], detached=False, call=call)
         run.blocks, run.partial, run.next = blocks, partial, self.first_link
         call.current = run
         sources = [*blocks] if partial is None else [*blocks, partial]

@@ -1,2 +1,2 @@
-"""Compatibility: the graph passes moved to convert/ (finding streams, building the plan) and
+"""Compatibility: the graph passes moved to conversion/ (finding streams, building the plan) and
 compile/ (the backend's passes). What pickles and older code name here is re-exported."""

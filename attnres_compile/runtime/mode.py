@@ -20,16 +20,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..errors import PlanMismatchError
+from ..ops.adds import ADD_FUNCS, IADD_FUNCS, INPLACE_ADD_FUNCS, REVERSED_ADD_FUNCS
 from .state import dynamo_compiling
 
-_TB = torch._C.TensorBase
-ADD_FUNCS = frozenset({
-    torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.add_,
-    torch.Tensor.__iadd__, _TB.add, _TB.__add__, _TB.__radd__, _TB.add_, _TB.__iadd__,
-})
-_INPLACE = frozenset({torch.Tensor.add_, torch.Tensor.__iadd__, _TB.add_, _TB.__iadd__})
-_IADD = frozenset({torch.Tensor.__iadd__, _TB.__iadd__})  # `x += y`: Python rebinds x to the result
-_REVERSED = frozenset({torch.Tensor.__radd__, _TB.__radd__})
 FRAME_WALK = 8  # frames searched upward for the module that runs an add (helpers in between)
 
 
@@ -172,14 +165,14 @@ class ModeWatcher:
         if len(args) != 2 or kwargs:
             return NotImplemented
         a, b = args
-        if func in _REVERSED:
+        if func in REVERSED_ADD_FUNCS:
             a, b = b, a
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return NotImplemented
         cands = self._locate()
         if not cands:
             return NotImplemented
-        inplace = None if func not in _INPLACE else ("iadd" if func in _IADD else "method")
+        inplace = None if func not in INPLACE_ADD_FUNCS else ("iadd" if func in IADD_FUNCS else "method")
         return self.runtime.link(cands, a, b, inplace)
 
 

@@ -4,7 +4,7 @@ A converted model is called from many threads at once (a web server, a pool of `
 calls), inside hooks of itself, and recomputed in backward by activation checkpointing, maybe
 on an autograd worker thread. So nothing about a call in progress lives on the model:
 
-* a `_Run` is one pass of one chain (its completed blocks, the running partial sum, the next
+* a `Run` is one pass of one chain (its completed blocks, the running partial sum, the next
   link); it lives in the call that started it and on the tensors it produced (`_Tag`);
 * a `_ChainCall` is one call of a chain's owner: which run is in progress and whether the
   chain ran; calls of one chain on one thread nest as a stack (a model called inside a hook
@@ -32,7 +32,7 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class _Run:
+class Run:
     """One pass of a chain: completed blocks, the running partial sum, the next link."""
 
     __slots__ = ("chain", "blocks", "partial", "next", "snaps", "pending", "detached", "phase1", "call",
@@ -56,7 +56,7 @@ class _ChainCall:
     __slots__ = ("current", "completed", "grad_at_start", "loose")
 
     def __init__(self, grad_at_start: bool, loose: bool = False):
-        self.current: _Run | None = None
+        self.current: Run | None = None
         self.completed = 0
         self.grad_at_start = grad_at_start
         self.loose = loose  # joined by layers called outside their owner: never ended
@@ -68,7 +68,7 @@ class _Tag:
 
     __slots__ = ("run", "link", "inner", "branches")
 
-    def __init__(self, run: _Run, link: int, inner: int = -1, branches: tuple = ()):
+    def __init__(self, run: Run, link: int, inner: int = -1, branches: tuple = ()):
         self.run = run
         self.link = link
         self.inner = inner        # >= 0: the k-th inner add of a parallel link
@@ -88,7 +88,7 @@ def set_tag(t: Tensor, tag: _Tag) -> None:
 START = "_attnres_start"
 
 
-def _set_start(t: Tensor, run: _Run) -> None:
+def _set_start(t: Tensor, run: Run) -> None:
     """Mark the tensor a run started from (weakly: a user's input must not keep a run alive)."""
     try:
         setattr(t, START, weakref.ref(run))
@@ -146,13 +146,13 @@ class CallStacks:
             loose[chain] = _ChainCall(torch.is_grad_enabled(), loose=True)
         return loose[chain]
 
-    def remember(self, chain: int, run: _Run) -> None:
+    def remember(self, chain: int, run: Run) -> None:
         if dynamo_compiling():
             return
         self.stacks()
         self._tls.last[chain] = weakref.ref(run)
 
-    def last(self, chain: int) -> _Run | None:
+    def last(self, chain: int) -> Run | None:
         """The last run this thread started of `chain`, while something still holds it. A
         recompute whose stream operand lost its tag replays it (a CPU backward runs on the
         thread of its forward; never another thread's run: that would mix two calls)."""

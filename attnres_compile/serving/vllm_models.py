@@ -12,7 +12,9 @@ from collections.abc import Iterable
 import torch
 from vllm.model_executor.models.transformers import TransformersForCausalLM, TransformersMoEForCausalLM
 
-from ..api import _find_params, apply_plan
+from ..api import apply_plan
+from ..runtime.params import find_params
+from ..runtime.planned import remove_owner_wrappers
 from ..errors import PlanFormatError
 
 _PREFIX = "attnres."
@@ -25,11 +27,11 @@ class _AttnResMixin:
         # the plugin re-derived it in the engine's first process if this transformers release
         # moved the planned lines (vllm_plugin.serving_plan), and handed it over in hf_overrides
         apply_plan(self, self.config.attnres)  # read and validated in full (plan/format.py)
-        _find_params(self).to(device=next(self.model.parameters()).device, dtype=self.model_config.dtype)
-        _unwrap_owners(self)
+        find_params(self).to(device=next(self.model.parameters()).device, dtype=self.model_config.dtype)
+        remove_owner_wrappers(self)  # vLLM's compiled decoder: runtime/planned.py
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        own = _find_params(self)
+        own = find_params(self)
         params = dict(own.named_parameters())
         loaded: set[str] = set()
 
@@ -58,26 +60,6 @@ class _AttnResMixin:
         if missing:
             raise PlanFormatError(f"the checkpoint lacks AttnRes weights the plan needs: {missing[:4]}", field=missing[0])
         return loaded
-
-
-def _unwrap_owners(model: torch.nn.Module) -> None:
-    """Remove the runtime's wrappers of functions that hold no planned add (the chains' owners,
-    e.g. `LlamaModel.forward`).
-
-    vLLM calls the decoder model through its compile wrapper, which after the first (traced)
-    call runs the compiled code of the class's forward: an owner's wrapper around that call,
-    which opens a call of its chains and checks at its end that every planned add ran, would see
-    none run. Without it the decoder layers' recompiled forwards open and close each chain run
-    themselves, as when a layer is called on its own (runtime/core.py, a "loose" call)."""
-    from ..runtime.core import _Planned
-
-    for module in model.modules():
-        planned = module.__dict__.get("forward")
-        if isinstance(planned, _Planned) and not planned.recompiled:
-            if planned.inner is not None:
-                module.forward = planned.inner
-            else:
-                del module.forward
 
 
 class AttnResTransformersForCausalLM(_AttnResMixin, TransformersForCausalLM):

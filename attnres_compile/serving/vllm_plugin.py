@@ -36,19 +36,12 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import AttnResError
+from .vllm_compat import TESTED_VLLM, ServingError, check_members, check_vllm_version, replace_method  # noqa: F401
 
-#: vLLM releases this plugin was tested with (tests/test_vllm.py, `make vllm-venv`).
-TESTED_VLLM = ("0.32.0",)
 _ARCHS = {"TransformersForCausalLM": "AttnResTransformersForCausalLM",
           "TransformersMoEForCausalLM": "AttnResTransformersMoEForCausalLM"}
 logger = logging.getLogger("attnres_compile.vllm")
 _PATCHED: list = []
-
-
-class ServingError(AttnResError):
-    """A converted model cannot be served as asked (unknown vLLM, an architecture the
-    Transformers backend cannot build, a conflicting option); the message says which and why."""
 
 
 def plan_of_folder(model: object) -> dict | None:
@@ -62,13 +55,6 @@ def plan_of_folder(model: object) -> dict | None:
         return json.loads(config.read_text()).get("attnres") or None
     except (OSError, ValueError):
         return None
-
-
-def check_vllm_version(version: str) -> None:
-    if version not in TESTED_VLLM:
-        raise ServingError(f"attnres_compile's vLLM plugin was tested with vLLM {', '.join(TESTED_VLLM)}, not {version}; "
-                           "it patches vLLM's engine arguments and model resolution, which change between releases: "
-                           "install a tested release (make vllm-venv) to serve a converted model")
 
 
 def check_architecture(config: dict) -> None:
@@ -138,13 +124,14 @@ def serving_plan(folder) -> tuple[dict, bool]:
     import transformers
 
     from ..errors import StalePlanError
-    from ..hf import _model_class, checkpoint_plan
-    from ..runtime.replay import check, rederive
+    from ..hf import checkpoint_plan, model_class_of
+    from ..conversion.rederive import rederive
+    from ..runtime.replay import check
 
     doc = plan_of_folder(folder)
     plan = checkpoint_plan(folder, doc)
     config = transformers.AutoConfig.from_pretrained(folder)
-    cls = _model_class(config, None)
+    cls = model_class_of(config)
     if plan.model != cls.__name__:
         raise ServingError(f"the attnres plan in {folder} was made for {plan.model}, but config.json names {cls.__name__}")
     with torch.device("meta"):
@@ -167,7 +154,6 @@ def _backend_cls(original):
             raise ServingError(f"{(self.architectures or ['?'])[0]}: vLLM would build it as {name}, which the attnres plugin "
                                f"does not extend (only {', '.join(_ARCHS)}: causal language models)")
         return _ARCHS[name]
-    _get_transformers_backend_cls.__attnres__ = True
     return _get_transformers_backend_cls
 
 
@@ -176,17 +162,17 @@ def register() -> None:
     if _PATCHED:
         return
     from vllm import ModelRegistry
-    from vllm.config.model import ModelConfig
-    from vllm.engine.arg_utils import EngineArgs
 
+    check_members()
     for name in _ARCHS.values():
         ModelRegistry.register_model(name, f"attnres_compile.serving.vllm_models:{name}")
-    ModelConfig._get_transformers_backend_cls = _backend_cls(ModelConfig._get_transformers_backend_cls)
-    create = EngineArgs.create_engine_config
+    replace_method("vllm.config.model", "ModelConfig", "_get_transformers_backend_cls", _backend_cls)
 
-    def create_engine_config(self, *args, **kwargs):
-        _prepare_engine_args(self)
-        return create(self, *args, **kwargs)
+    def engine_config(create):
+        def create_engine_config(self, *args, **kwargs):
+            _prepare_engine_args(self)
+            return create(self, *args, **kwargs)
+        return create_engine_config
 
-    EngineArgs.create_engine_config = create_engine_config
+    replace_method("vllm.engine.arg_utils", "EngineArgs", "create_engine_config", engine_config)
     _PATCHED.append(True)

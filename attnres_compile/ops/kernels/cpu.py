@@ -25,6 +25,7 @@ PyTorch implementation and one warning says why (:func:`warn_once`). ``ATTNRES_C
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import warnings
@@ -50,8 +51,7 @@ def _load() -> bool:
     with _LOCK:
         if "ok" not in _STATE:
             try:
-                from ... import _C  # noqa: F401  (registers the attnres_native ops)
-
+                _STATE["module"] = native_module()  # registers the attnres_native ops
                 _STATE["ok"] = hasattr(torch.ops.attnres_native, "forward")
                 if not _STATE["ok"]:
                     _STATE["error"] = "attnres_compile._C loaded but registered no attnres_native ops"
@@ -59,6 +59,15 @@ def _load() -> bool:
                 _STATE["ok"] = False
                 _STATE["error"] = f"{type(exc).__name__}: {exc}"
     return bool(_STATE["ok"])
+
+
+def native_module():
+    """The compiled extension `attnres_compile._C` (ImportError when it was not built).
+
+    Imported by its name: it is a compiled module at the package's root (setup.py builds it
+    there), not Python code of a room of the package, and `from ... import _C` would read as an
+    import of the package itself."""
+    return importlib.import_module("attnres_compile._C")
 
 
 def available() -> bool:

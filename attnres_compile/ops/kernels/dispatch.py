@@ -80,7 +80,7 @@ def triton_importable() -> bool:
 
 
 def _triton_eligible(t: Tensor) -> bool:
-    from .triton_codegen import SUPPORTED_DTYPES
+    from .triton_spec import SUPPORTED_DTYPES
 
     if t.dtype not in SUPPORTED_DTYPES or not triton_importable():
         return False

@@ -4,8 +4,8 @@ The kernels are generated per shape and dtype and compiled by whatever Triton an
 has; we cannot test every pair. So the first time an op would launch a kernel variant (see
 :data:`VARIANTS`) for a given dtype and device, :func:`kernel_ok` runs that variant once on a
 small probe (a few tiles of tokens at the call's feature width ``D``, several sources, a strided
-source, a non-unit scale; every sub-kernel of the variant) and compares it with the plain
-PyTorch implementation of the op evaluated in float64: ``||out - ref|| / ||ref||`` must stay
+source, a non-unit scale; every sub-kernel of the variant) and compares it with the op's math
+(ops/reference.py) evaluated in float64: ``||out - ref|| / ||ref||`` must stay
 under the SPEC section 7 tolerance of the dtype (:data:`TOLERANCE`), and NaN/inf never pass. A
 compile error, a launch error or a mismatch disables the variant for the rest of the process:
 one :class:`KernelSelfCheckWarning` names the variant, the dtype, the device and the measured
@@ -13,7 +13,7 @@ error (or the exception's first line), and the op runs its PyTorch implementatio
 :func:`status` lists every probed variant.
 
 Where it applies: real CUDA tensors always. CPU tensors routed to the kernels by
-``ops._dispatch.triton_on_cpu()`` (the Triton interpreter, tests) only inside
+``ops.kernels.dispatch.triton_on_cpu()`` (the Triton interpreter, tests) only inside
 :func:`forced` or with ``ATTNRES_SELFCHECK=1``, so that the tests that count the interpreter's
 launches and bytes are not disturbed by probe launches.
 
@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+
+from .. import reference
 
 __all__ = ["VARIANTS", "TOLERANCE", "KernelSelfCheckWarning", "kernel_ok", "disabled_reason", "status", "reset",
            "forced"]
@@ -148,7 +150,7 @@ def _decide(key: tuple, t: Tensor) -> bool:
             tol = TOLERANCE[dtype]
             reason = None if err <= tol else (
                 f"{what}: non-finite values" if not math.isfinite(err) else
-                f"{what}: relative error {err:.3g} > {tol:g} against the PyTorch implementation (float64)")
+                f"{what}: relative error {err:.3g} > {tol:g} against ops/reference.py (float64)")
         except Exception as exc:  # compile errors, launch errors, out-of-resources ...
             from ...errors import first_line
 
@@ -188,7 +190,7 @@ def _real_tensors(device: torch.device) -> Iterator[None]:
 
 def _rel(out: Tensor, ref: Tensor) -> float:
     if out.shape != ref.shape:
-        raise ValueError(f"shape {list(out.shape)} where the PyTorch implementation gives {list(ref.shape)}")
+        raise ValueError(f"shape {list(out.shape)} where ops/reference.py gives {list(ref.shape)}")
     out, ref = out.double(), ref.double()
     if not bool(torch.isfinite(out).all()):
         return math.inf
@@ -210,7 +212,7 @@ def _worst(pairs: list[tuple[str, Tensor, Tensor]]) -> tuple[str, float]:
 
 class _Inputs:
     def __init__(self, dtype: torch.dtype, device: torch.device, d: int, kind: str):
-        from .triton_codegen import choose_block_t
+        from .triton_spec import choose_block_t
 
         self.gen = torch.Generator().manual_seed(20260519)
         self.dtype, self.device, self.d = dtype, device, d
@@ -237,23 +239,22 @@ def _f64(ts):
 
 
 def _probe_forward(dtype, device, d):
-    from ..depth_attention import _depth_attention_forward_impl as impl
     from . import triton_launch as tk
 
     x = _Inputs(dtype, device, d, "fwd")
     srcs, (q, g) = x.rows(3), x.param()
     out = tk.forward(srcs, q, g, _EPS, _SCALE, num_programs=2)
-    return [("output", out, impl(_f64(srcs), q.double(), g.double(), _EPS, _SCALE))]
+    return [("output", out, reference.depth_attention_reference(_f64(srcs), q.double(), g.double(), eps=_EPS, scale=_SCALE))]
 
 
 def _probe_backward(dtype, device, d):
-    from ..depth_attention import _depth_attention_backward_impl as impl
     from . import triton_launch as tk
 
     x = _Inputs(dtype, device, d, "bwd")
     srcs, (q, g) = x.rows(3), x.param()
     grad = x.randn(x.t, d)
-    r_src, r_q, r_g = impl(grad.double(), _f64(srcs), q.double(), g.double(), _EPS, _SCALE)
+    r_src, r_q, r_g = reference.depth_attention_backward_reference(grad.double(), _f64(srcs), q.double(), g.double(),
+                                                            eps=_EPS, scale=_SCALE)
     pairs = []
     for var in ("resident", "twopass"):
         gs, dq, dg = tk.backward(grad, srcs, q, g, _EPS, _SCALE, num_programs=2, variant=var)
@@ -263,43 +264,39 @@ def _probe_backward(dtype, device, d):
 
 
 def _probe_phase1(dtype, device, d):
-    from ..two_phase import _phase1_impl
     from . import triton_launch as tk
 
     x = _Inputs(dtype, device, d, "phase1")
     blocks = x.rows(3)
     (q0, g0), (q1, g1) = x.param(), x.param()
     qs, gs = torch.stack([q0, q1]), torch.stack([g0, g1])
-    ref = _phase1_impl(_f64(blocks), qs.double(), gs.double(), _EPS)
+    want = reference.phase1_reference(_f64(blocks), qs.double(), gs.double(), eps=_EPS)
     pairs = []
     for var in ("resident", "twopass"):
         got = tk.phase1(blocks, qs, gs, _EPS, num_programs=2, variant=var)
-        pairs += [(f"{var} {name}", a, b) for name, a, b in zip(("o", "m", "z"), got, ref)]
+        pairs += [(f"{var} {name}", a, b) for name, a, b in zip(("o", "m", "z"), got, want)]
     return pairs
 
 
 def _probe_phase2(dtype, device, d):
-    from ..two_phase import _phase1_impl, _phase2_impl
     from . import triton_launch as tk
 
     x = _Inputs(dtype, device, d, "phase2")
     blocks, partial = x.rows(2), x.randn(x.t, d)
     q, g = x.param()
-    o, m, z = _phase1_impl(blocks, q[None], g[None], _EPS)  # o in dtype, m and z float32
+    o, m, z = reference.phase1_reference(blocks, q[None], g[None], eps=_EPS)  # o in dtype, m and z float32
     o, m, z = o[0], m[0], z[0]
     pairs = []
     for name, p in (("with partial", partial), ("no partial", None)):
         got = tk.phase2(o, m, z, p, q, g, _EPS, _SCALE, num_programs=2)
-        ref = _phase2_impl(o.double(), m.double(), z.double(), None if p is None else p.double(), q.double(),
-                           g.double(), _EPS, _SCALE)
-        pairs.append((f"output ({name})", got, ref))
+        want = reference.phase2_reference(o.double(), m.double(), z.double(), None if p is None else p.double(),
+                                    q.double(), g.double(), eps=_EPS, scale=_SCALE)
+        pairs.append((f"output ({name})", got, want))
     return pairs
 
 
 def _probe_norm(kind: str) -> Callable:
     def probe(dtype, device, d):
-        from ..depth_attention import _depth_attention_forward_impl as impl
-        from ..fused import _norm
         from . import triton_launch as tk
 
         x = _Inputs(dtype, device, d, "fwd")
@@ -307,15 +304,14 @@ def _probe_norm(kind: str) -> Callable:
         weight = x.randn(d, std=0.1, mean=1.0)
         bias = x.randn(d, std=0.1) if kind == "layernorm" else None
         out = tk.forward_norm(srcs, q, g, _EPS, _SCALE, weight, bias, _NORM_EPS, kind=kind, num_programs=2)
-        h = impl(_f64(srcs), q.double(), g.double(), _EPS, _SCALE)
-        ref = _norm(h, kind, weight.double(), None if bias is None else bias.double(), _NORM_EPS)
-        return [(f"{kind}(site)", out, ref)]
+        h = reference.depth_attention_reference(_f64(srcs), q.double(), g.double(), eps=_EPS, scale=_SCALE)
+        want = reference.norm_reference(h, kind, weight.double(), None if bias is None else bias.double(), _NORM_EPS)
+        return [(f"{kind}(site)", out, want)]
 
     return probe
 
 
 def _probe_partial(dtype, device, d):
-    from ..depth_attention import _depth_attention_forward_impl as impl
     from . import triton_launch as tk
 
     x = _Inputs(dtype, device, d, "fwd")
@@ -323,8 +319,8 @@ def _probe_partial(dtype, device, d):
     q, g = x.param()
     h, new_partial = tk.forward_partial(blocks, prev, add, q, g, _EPS, _SCALE, num_programs=2)
     p64 = prev.double() + add.double()
-    ref = impl([*_f64(blocks), p64], q.double(), g.double(), _EPS, _SCALE)
-    return [("new partial", new_partial, p64), ("output", h, ref)]
+    want = reference.depth_attention_reference([*_f64(blocks), p64], q.double(), g.double(), eps=_EPS, scale=_SCALE)
+    return [("new partial", new_partial, p64), ("output", h, want)]
 
 
 _PROBES: dict[str, Callable] = {

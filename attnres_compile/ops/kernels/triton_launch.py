@@ -21,12 +21,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .triton_cache import load_kernel
 from .triton_codegen import (
     SUPPORTED_DTYPES,
     KernelSpec,
     choose_block_t,
     choose_num_warps,
-    load_kernel,
     next_power_of_2,
     resident_fits,
 )
@@ -110,34 +110,24 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def forward(
-    sources: Sequence[Tensor],
-    query: Tensor,
-    norm_weight: Tensor,
-    eps: float,
-    scale: float,
-    *,
-    block_t: int | None = None,
-    num_programs: int | None = None,
-) -> Tensor:
+def _launch(spec: KernelSpec, args: Sequence, *, t: int, device: torch.device, num_programs: int | None,
+            programs: int | None = None, num_warps: int | None = None) -> None:
+    """What every launcher shares: generate (or load) the kernel of `spec`, and launch it with
+    `args` on a persistent grid over the `t` tokens (at most `num_programs` programs, or exactly
+    `programs`)."""
+    p = programs if programs is not None else _grid(_cdiv(t, spec.block_t), device, num_programs)
+    _wrap(load_kernel(spec))[(p,)](*args, num_warps=num_warps or choose_num_warps(spec.block_t, spec.d))
+
+
+def forward(sources: Sequence[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float, *,
+            block_t: int | None = None, num_programs: int | None = None) -> Tensor:
     """``h`` [..., D] in the sources' dtype; one read of every source element."""
     return _forward_launch(sources, query, norm_weight, eps, scale, block_t=block_t, num_programs=num_programs)
 
 
-def forward_norm(
-    sources: Sequence[Tensor],
-    query: Tensor,
-    norm_weight: Tensor,
-    eps: float,
-    scale: float,
-    weight: Tensor,
-    bias: Tensor | None,
-    norm_eps: float,
-    *,
-    kind: str,
-    block_t: int | None = None,
-    num_programs: int | None = None,
-) -> Tensor:
+def forward_norm(sources: Sequence[Tensor], query: Tensor, norm_weight: Tensor, eps: float, scale: float,
+                 weight: Tensor, bias: Tensor | None, norm_eps: float, *, kind: str, block_t: int | None = None,
+                 num_programs: int | None = None) -> Tensor:
     """``norm(h)`` [..., D] with the site ``h`` never written: the site fused with the RMSNorm
     (``kind="rmsnorm"``: ``h * rsqrt(mean(h^2) + norm_eps) * weight``) or LayerNorm
     (``kind="layernorm"``: ``(h - mean) * rsqrt(var + norm_eps) * weight + bias``) that reads it.
@@ -163,28 +153,16 @@ def _forward_launch(sources, query, norm_weight, eps, scale, *, variant: str = "
     t = rows[0].shape[0]
     out = torch.empty((t, d), dtype=first.dtype, device=first.device)
     if t > 0:
-        bt = block_t or choose_block_t(d, "fwd")
-        spec = KernelSpec("fwd", d=d, dtype=SUPPORTED_DTYPES[first.dtype], m=len(sources), block_t=bt,
-                          variant=variant)
-        _wrap(load_kernel(spec))[(_grid(_cdiv(t, bt), first.device, num_programs),)](
-            *rows, *[r.stride(0) for r in rows], query, norm_weight, *params, out, t, float(eps), float(scale),
-            *tail, num_warps=choose_num_warps(bt, d),
-        )
+        spec = KernelSpec("fwd", d=d, dtype=SUPPORTED_DTYPES[first.dtype], m=len(sources),
+                          block_t=block_t or choose_block_t(d, "fwd"), variant=variant)
+        _launch(spec, [*rows, *[r.stride(0) for r in rows], query, norm_weight, *params, out, t, float(eps),
+                       float(scale), *tail], t=t, device=first.device, num_programs=num_programs)
     return out.view(first.shape)
 
 
-def forward_partial(
-    blocks: Sequence[Tensor],
-    prev: Tensor,
-    add: Tensor,
-    query: Tensor,
-    norm_weight: Tensor,
-    eps: float,
-    scale: float,
-    *,
-    block_t: int | None = None,
-    num_programs: int | None = None,
-) -> tuple[Tensor, Tensor]:
+def forward_partial(blocks: Sequence[Tensor], prev: Tensor, add: Tensor, query: Tensor, norm_weight: Tensor,
+                    eps: float, scale: float, *, block_t: int | None = None,
+                    num_programs: int | None = None) -> tuple[Tensor, Tensor]:
     """``(h, new_partial)``: the block partial-sum add ``new_partial = prev + add`` fused into
     the site over ``[*blocks, new_partial]`` that follows it. Per token: reads the blocks, ``prev``
     and ``add`` once and writes ``new_partial`` and ``h``; apart, the site would read
@@ -198,13 +176,11 @@ def forward_partial(
     new_partial = torch.empty((t, d), dtype=first.dtype, device=first.device)
     out = torch.empty((t, d), dtype=first.dtype, device=first.device)
     if t > 0:
-        bt = block_t or choose_block_t(d, "fwd")
-        spec = KernelSpec("fwd", d=d, dtype=SUPPORTED_DTYPES[first.dtype], m=len(blocks) + 1, block_t=bt,
-                          variant="partial")
-        _wrap(load_kernel(spec))[(_grid(_cdiv(t, bt), first.device, num_programs),)](
-            *rows, p_rows, a_rows, new_partial, *[r.stride(0) for r in rows], p_rows.stride(0), a_rows.stride(0),
-            query, norm_weight, out, t, float(eps), float(scale), num_warps=choose_num_warps(bt, d),
-        )
+        spec = KernelSpec("fwd", d=d, dtype=SUPPORTED_DTYPES[first.dtype], m=len(blocks) + 1,
+                          block_t=block_t or choose_block_t(d, "fwd"), variant="partial")
+        _launch(spec, [*rows, p_rows, a_rows, new_partial, *[r.stride(0) for r in rows], p_rows.stride(0),
+                       a_rows.stride(0), query, norm_weight, out, t, float(eps), float(scale)],
+                t=t, device=first.device, num_programs=num_programs)
     return out.view(first.shape), new_partial.view(first.shape)
 
 
@@ -219,18 +195,9 @@ def backward_variant(m: int, d: int, dtype: torch.dtype, block_t: int) -> str:
     return "resident" if resident_fits(m, d, SUPPORTED_DTYPES[dtype], block_t) else "twopass"
 
 
-def backward(
-    grad_out: Tensor,
-    sources: Sequence[Tensor],
-    query: Tensor,
-    norm_weight: Tensor,
-    eps: float,
-    scale: float,
-    *,
-    block_t: int | None = None,
-    num_programs: int | None = None,
-    variant: str | None = None,
-) -> tuple[list[Tensor], Tensor, Tensor]:
+def backward(grad_out: Tensor, sources: Sequence[Tensor], query: Tensor, norm_weight: Tensor, eps: float,
+             scale: float, *, block_t: int | None = None, num_programs: int | None = None,
+             variant: str | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
     """Gradients of every source, of the query and of the norm gain."""
     first = sources[0]
     query, norm_weight = _vec(query), _vec(norm_weight)
@@ -249,17 +216,15 @@ def backward(
         return [g.view(first.shape) for g in grads], dq, dg
     bt = block_t or _resident_block_t(m, d, dtype, choose_block_t(d, "bwd"))
     var = variant or backward_variant(m, d, first.dtype, bt)
-    kernel = load_kernel(KernelSpec("bwd", d=d, dtype=dtype, m=m, block_t=bt, variant=var))
     p = _grid(_cdiv(t, bt), first.device, num_programs)
     partial = torch.empty((p, d), dtype=torch.float32, device=first.device)
-    _wrap(kernel)[(p,)](
-        grad, grad.stride(0), grad.stride(1), *rows, *[r.stride(0) for r in rows], *grads,
-        query, norm_weight, partial, t, float(eps), float(scale),
-        num_warps=choose_num_warps(bt, d),
-    )
-    bc = min(next_power_of_2(d), 1024)
-    reduce_kernel = load_kernel(KernelSpec("reduce", d=d, block_t=bc))
-    _wrap(reduce_kernel)[(_cdiv(d, bc),)](partial, query, norm_weight, dq, dg, p, num_warps=4)
+    _launch(KernelSpec("bwd", d=d, dtype=dtype, m=m, block_t=bt, variant=var),
+            [grad, grad.stride(0), grad.stride(1), *rows, *[r.stride(0) for r in rows], *grads,
+             query, norm_weight, partial, t, float(eps), float(scale)],
+            t=t, device=first.device, num_programs=num_programs, programs=p)
+    bc = min(next_power_of_2(d), 1024)  # the per-program partial gradients of query and gain, summed
+    _launch(KernelSpec("reduce", d=d, block_t=bc), [partial, query, norm_weight, dq, dg, p],
+            t=d, device=first.device, num_programs=None, programs=_cdiv(d, bc), num_warps=4)
     return [g.view(first.shape) for g in grads], dq, dg
 
 
@@ -267,16 +232,8 @@ def phase1_variant(n: int, d: int, dtype: torch.dtype, block_t: int) -> str:
     return "resident" if resident_fits(n, d, SUPPORTED_DTYPES[dtype], block_t) else "twopass"
 
 
-def phase1(
-    blocks: Sequence[Tensor],
-    queries: Tensor,
-    gains: Tensor,
-    eps: float,
-    *,
-    block_t: int | None = None,
-    num_programs: int | None = None,
-    variant: str | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def phase1(blocks: Sequence[Tensor], queries: Tensor, gains: Tensor, eps: float, *, block_t: int | None = None,
+           num_programs: int | None = None, variant: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(o [S, ..., D] unnormalised, m [S, ...], z [S, ...])``: one read of every block."""
     first = blocks[0]
     d = first.shape[-1]
@@ -292,28 +249,14 @@ def phase1(
     if t > 0:
         bt = block_t or _resident_block_t(n, d, dtype, choose_block_t(d, "phase1"))
         var = variant or phase1_variant(n, d, first.dtype, bt)
-        kernel = load_kernel(KernelSpec("phase1", d=d, dtype=dtype, m=n, s=s, block_t=bt, variant=var))
-        grid = (_grid(_cdiv(t, bt), first.device, num_programs),)
-        _wrap(kernel)[grid](
-            *rows, *[r.stride(0) for r in rows], queries.contiguous(), gains.contiguous(), o, mx, z, t, float(eps),
-            num_warps=choose_num_warps(bt, d),
-        )
+        _launch(KernelSpec("phase1", d=d, dtype=dtype, m=n, s=s, block_t=bt, variant=var),
+                [*rows, *[r.stride(0) for r in rows], queries.contiguous(), gains.contiguous(), o, mx, z, t,
+                 float(eps)], t=t, device=first.device, num_programs=num_programs)
     return o.view(s, *lead, d), mx.view(s, *lead), z.view(s, *lead)
 
 
-def phase2(
-    o: Tensor,
-    m: Tensor,
-    z: Tensor,
-    partial: Tensor | None,
-    query: Tensor,
-    gain: Tensor,
-    eps: float,
-    scale: float,
-    *,
-    block_t: int | None = None,
-    num_programs: int | None = None,
-) -> Tensor:
+def phase2(o: Tensor, m: Tensor, z: Tensor, partial: Tensor | None, query: Tensor, gain: Tensor, eps: float,
+           scale: float, *, block_t: int | None = None, num_programs: int | None = None) -> Tensor:
     """``h [..., D]``: phase 1's state of one site merged with the running partial (if any)."""
     d = o.shape[-1]
     query, gain = _vec(query), _vec(gain)
@@ -324,13 +267,12 @@ def phase2(
     z_flat = z.reshape(-1).contiguous()
     out = torch.empty((t, d), dtype=o.dtype, device=o.device)
     if t > 0:
-        bt = block_t or choose_block_t(d, "phase2")
         variant = "partial" if partial is not None else "nopartial"
-        kernel = load_kernel(KernelSpec("phase2", d=d, dtype=dtype, block_t=bt, variant=variant))
-        grid = (_grid(_cdiv(t, bt), o.device, num_programs),)
         args: list = [o_rows, o_rows.stride(0), m_flat, z_flat]
         if partial is not None:
             p_rows = _rows(partial, d)
             args += [p_rows, p_rows.stride(0)]
-        _wrap(kernel)[grid](*args, query, gain, out, t, float(eps), float(scale), num_warps=choose_num_warps(bt, d))
+        _launch(KernelSpec("phase2", d=d, dtype=dtype, block_t=block_t or choose_block_t(d, "phase2"),
+                           variant=variant), [*args, query, gain, out, t, float(eps), float(scale)],
+                t=t, device=o.device, num_programs=num_programs)
     return out.view(o.shape)

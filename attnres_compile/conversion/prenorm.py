@@ -254,12 +254,9 @@ class DegreeAnalysis:
         return Fraction(0)      # python scalar
 
 
-def analyse(stream_aliases: list[Node], nodes: list[Node], targets: list[Node]) -> DegreeResult:
-    """Propagate degrees from `stream_aliases` through `nodes` (graph order).
-
-    PreNorm holds when nothing breaks and every node of `targets` (branch output or graph
-    outputs) that depends on the stream has degree 0.
-    """
+def _propagate(stream_aliases: list[Node], nodes: list[Node], check) -> DegreeResult:
+    """Degrees from `stream_aliases` through `nodes` (graph order); `check(an, node)` returns a
+    failing DegreeResult for a node (an output node, a target) or None."""
     an = DegreeAnalysis(stream_aliases)
     members = set(stream_aliases)
     try:
@@ -267,31 +264,34 @@ def analyse(stream_aliases: list[Node], nodes: list[Node], targets: list[Node]) 
             if n in members:
                 continue
             if n.op == "output":
+                found = check(an, n)
+                if found is not None:
+                    return found
                 continue
             an.visit(n)
     except _Break as br:
         return DegreeResult(False, offending=br.node, norm=an.norm, eps=an.eps)
-    for t in targets:
-        if t in an.deg and an.deg[t] != Fraction(0):
+    return check(an, None) or DegreeResult(True, norm=an.norm, eps=an.eps)
+
+
+def _leak(an: DegreeAnalysis, nodes) -> DegreeResult | None:
+    """The first of `nodes` the stream reaches un-normalized (degree not 0), as a failure."""
+    for t in nodes:
+        d = an.deg.get(t)
+        if d is not None and d != Fraction(0):
             return DegreeResult(False, leak=t, norm=an.norm, eps=an.eps)
-    return DegreeResult(True, norm=an.norm, eps=an.eps)
+    return None
+
+
+def analyse(stream_aliases: list[Node], nodes: list[Node], targets: list[Node]) -> DegreeResult:
+    """Propagate degrees from `stream_aliases` through `nodes` (graph order).
+
+    PreNorm holds when nothing breaks and every node of `targets` (branch output or graph
+    outputs) that depends on the stream has degree 0.
+    """
+    return _propagate(stream_aliases, nodes, lambda an, n: _leak(an, targets) if n is None else None)
 
 
 def output_leaks(stream_aliases: list[Node], closure: list[Node]) -> DegreeResult:
     """Forward analysis to the graph outputs: the stream must reach them only normalized."""
-    an = DegreeAnalysis(stream_aliases)
-    members = set(stream_aliases)
-    try:
-        for n in closure:
-            if n in members:
-                continue
-            if n.op == "output":
-                for leaf in n.all_input_nodes:
-                    d = an.deg.get(leaf)
-                    if d is not None and d != Fraction(0):
-                        return DegreeResult(False, leak=leaf, norm=an.norm, eps=an.eps)
-                continue
-            an.visit(n)
-    except _Break as br:
-        return DegreeResult(False, offending=br.node, norm=an.norm, eps=an.eps)
-    return DegreeResult(True, norm=an.norm, eps=an.eps)
+    return _propagate(stream_aliases, closure, lambda an, n: None if n is None else _leak(an, n.all_input_nodes))

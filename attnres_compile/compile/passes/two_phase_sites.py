@@ -20,47 +20,18 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-
-def _op(name: str):
-    try:
-        return getattr(torch.ops.attnres, name).default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def depth_attention_op():
-    from .. import ops  # noqa: F401  (registers the ops)
-
-    return torch.ops.attnres.depth_attention.default
-
-
-def two_phase_available() -> bool:
-    from .. import ops  # noqa: F401
-
-    return _op("depth_attention_phase1") is not None and _op("depth_attention_phase2") is not None
-
-
-def is_depth_attention(node: Node) -> bool:
-    return node.op == "call_function" and node.target is depth_attention_op()
-
-
-def _args(node: Node):
-    sources, w, g, eps, scale = (list(node.args) + [None] * 5)[:5]
-    eps = node.kwargs.get("eps", eps)
-    scale = node.kwargs.get("scale", scale if scale is not None else 1.0)
-    return list(sources), w, g, float(eps), float(scale)
+from .match import is_depth_attention, site_args
 
 
 def to_two_phase(gm: GraphModule) -> int:
-    """Rewrite `gm` in place; returns the number of sites rewritten (0 if ops unavailable)."""
-    if not two_phase_available():
-        return 0
-    phase1, phase2 = _op("depth_attention_phase1"), _op("depth_attention_phase2")
+    """Rewrite `gm` in place; returns the number of sites rewritten."""
+    phase1 = torch.ops.attnres.depth_attention_phase1.default
+    phase2 = torch.ops.attnres.depth_attention_phase2.default
     graph = gm.graph
     groups: dict[tuple, list[Node]] = {}
     for node in graph.nodes:
         if is_depth_attention(node):
-            sources, w, g, eps, scale = _args(node)
+            sources, w, g, eps, scale = site_args(node)
             if len(sources) < 2:
                 continue
             groups.setdefault((tuple(sources[:-1]), eps), []).append(node)
@@ -68,7 +39,7 @@ def to_two_phase(gm: GraphModule) -> int:
     count = 0
     for (prefix, eps), sites in groups.items():
         first = min(sites, key=order.__getitem__)
-        params = [(_args(s)[1], _args(s)[2]) for s in sites]
+        params = [(site_args(s)[1], site_args(s)[2]) for s in sites]
         # Parameters fetched after `first` (get_attr nodes next to each site) move up: they
         # have no inputs, so any position is valid.
         for w, g in params:
@@ -83,7 +54,7 @@ def to_two_phase(gm: GraphModule) -> int:
             m = graph.call_function(operator.getitem, (stats, 1))
             z = graph.call_function(operator.getitem, (stats, 2))
         for i, site in enumerate(sites):
-            sources, w, g, _, scale = _args(site)
+            sources, w, g, _, scale = site_args(site)
             with graph.inserting_before(site):
                 oi = graph.call_function(torch.ops.aten.select.int, (o, 0, i))
                 mi = graph.call_function(torch.ops.aten.select.int, (m, 0, i))

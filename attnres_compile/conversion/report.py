@@ -6,7 +6,11 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+
+from .graph_utils import module_path, source_line
+from .select import chain_layers
 
 
 @dataclass
@@ -151,3 +155,106 @@ class ConversionReport:
     def __repr__(self) -> str:
         return (f"ConversionReport(model={self.model!r}, chains={len(self.chains)}, "
                 f"sites={self.num_sites}, left_alone={len(self.left_alone)})")
+
+
+# -- building the report of a conversion ------------------------------------------------------------
+
+def build_report(name, analysis, chains, plans, refused, config, same, eval_refused=()) -> ConversionReport:
+    """The report of a conversion of `name`: its selected `chains` (with their block sizes) and
+    their site `plans`, the chains `refused` with the reason, every add left alone, under
+    `config`; `same`: one capture served train and eval."""
+    preserve, num_blocks, block_size = config.preserve, config.num_blocks, config.block_size
+    chain_reports = []
+    for (chain, s), chain_plans in zip(chains, plans):
+        sites = [
+            SiteReport(
+                name=p.name, sublayer=p.schedule.sublayer, module=p.module, block=p.schedule.block,
+                sources=list(p.schedule.sources), eps=p.eps, scale=p.scale,
+                parameters=[f"{p.param_prefix}.query", f"{p.param_prefix}.norm_weight"] if p.param_prefix else [],
+                reads=[],
+            )
+            for p in chain_plans
+        ]
+        layers = chain_layers(chain)
+        chain_reports.append(ChainReport(
+            index=chain_plans[0].chain, start=chain.start.name, start_where=source_line(chain.start),
+            num_sublayers=len(chain.links), block_size=s, prenorm=chain.is_prenorm,
+            note=None if chain.is_prenorm else f"converted with preserve='exact' although {chain.prenorm_reason}",
+            sites=sites,
+            extra_uses=[f"{u.name} (site{i})" for i, u in chain.extra_uses],
+            layers=layers[0] if layers else None, sublayers_per_layer=layers[1] if layers else None,
+            schedule=_schedule_text(len(chain.links), s, num_blocks, block_size, layers),
+        ))
+    left = [LeftAloneReport(la.node.name, source_line(la.node), module_path(la.node), la.reason)
+            for la in analysis.left_alone]
+    refused_d = [{"start": c.start.name, "num_sublayers": len(c.links), "reason": r}
+                 for c, r in [*analysis.refused_chains, *refused]]
+    # Chains of the eval graph alone (node names are the eval capture's).
+    refused_d += [{"start": f"{c.start.name} (eval graph)", "num_sublayers": len(c.links), "reason": r}
+                  for c, r in eval_refused]
+    for c, r in refused:  # adds of chains refused for not being PreNorm are left alone too
+        for link in c.links:
+            for a in link.adds:
+                left.append(LeftAloneReport(a.name, source_line(a), module_path(a), r))
+    return ConversionReport(
+        model=name, preserve=preserve, num_blocks=num_blocks, block_size=block_size,
+        modes=["train+eval"] if same else ["train", "eval"], chains=chain_reports,
+        left_alone=left, refused_chains=refused_d,
+    )
+
+
+def _schedule_text(num_sublayers, s, num_blocks, block_size, layers) -> str:
+    count_ = -(-num_sublayers // s)
+    blocks = f"{count_} block{'s' if count_ != 1 else ''}"
+    if block_size is not None:
+        return f"block_size={block_size} as given: {blocks}"
+    n = 8 if num_blocks is None else num_blocks
+    if layers is not None:
+        count, k = layers
+        text = (f"num_blocks={n} over {count} layers of {k} sublayer{'s' if k != 1 else ''}: "
+                f"S = {k} x ceil({count}/{n}) = {s}, {blocks}")
+        if count_ < n:
+            text += f" (fewer than {n}: every block starts at a layer's first sublayer)"
+        return text
+    return f"num_blocks={n} over {num_sublayers} sublayers (no layer structure found): S = ceil({num_sublayers}/{n}) = {s}"
+
+
+# Left-alone reasons from most to least like a residual add, for the one a refusal quotes.
+_RESIDUAL_LIKE = ("scaled residual", "single residual add", "PostNorm", "in-place add", "mixed dtypes",
+                  "alpha", "holds no matmul", "broadcasting or bias", "independent", "rotary")
+
+
+def _residual_rank(reason: str) -> int:
+    return next((i for i, key in enumerate(_RESIDUAL_LIKE) if key in reason), len(_RESIDUAL_LIKE))
+
+
+def no_chain_message(name, analysis, refused, preserve) -> str:
+    """Why no stream of `name` was converted, in one sentence (the NoEligibleChainError)."""
+    reasons = Counter()
+    example = {}
+    for c, r in [*analysis.refused_chains, *refused]:
+        key = r.split(":")[0] if r.startswith("PostNorm") else r
+        reasons[key] += 1
+        example.setdefault(key, r)
+    if not reasons:
+        left = analysis.left_alone
+        if not left:
+            why = "the graph has no add operations at all (no residual connections)"
+        else:
+            best = min(left, key=lambda la: _residual_rank(la.reason))
+            why = (f"none of its {len(left)} add(s) is a residual add of a stream "
+                   f"(the closest: {best.node.name} at {source_line(best.node) or '?'}: {best.reason})")
+    else:
+        parts = []
+        for key, n in reasons.most_common(3):
+            if key == "PostNorm block":
+                parts.append(f"{n} PostNorm residual add(s): each add's output goes through a norm before "
+                             f"the next residual add, so there is no stream to attend over "
+                             f"(e.g. {example[key].split(': ', 1)[1]})")
+            else:
+                parts.append(f"{n} x {key}" if n > 1 else key)
+        why = "; ".join(parts)
+    msg = f"no residual stream of {name} is eligible for AttnRes: {why}"
+    if preserve != "exact" and any("not PreNorm" in r for _, r in refused):
+        msg += " (preserve='exact' converts additive chains that are not PreNorm)"
+    return msg

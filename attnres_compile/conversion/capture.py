@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError
+from ..ops.adds import ADD_FUNCS
 
 
 @dataclass
@@ -70,7 +71,7 @@ class _AddRecorder(TorchFunctionMode):
         self.adds: list[AddCall] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _add_funcs():
+        if func in ADD_FUNCS:
             f = sys._getframe(1)
             while f is not None and f.f_code.co_name == "__torch_function__":  # export's own mode
                 f = f.f_back
@@ -111,12 +112,6 @@ def _checkpointed_function(f) -> str | None:
     if below.f_code.co_name == "forward" and hasattr(owner, "_gradient_checkpointing_func"):
         return None  # Hugging Face's GradientCheckpointingLayer
     return f"{below.f_code.co_filename}:{below.f_code.co_firstlineno} in {below.f_code.co_name}"
-
-
-def _add_funcs():
-    from ..runtime.mode import ADD_FUNCS
-
-    return ADD_FUNCS
 
 
 def add_calls(graph, adds: list[AddCall]) -> dict:
@@ -302,3 +297,10 @@ def _capture_error(model, exc: BaseException) -> CaptureError:
     if where:
         msg += f"\n  at {where}"
     return CaptureError(msg)
+
+
+def restore_forward(model) -> None:
+    """Undo capture's keyword-naming forward on the private copy a conversion captured."""
+    fwd = model.__dict__.get("forward")
+    if fwd is not None and hasattr(fwd, "_attnres_wrapped"):
+        del model.forward

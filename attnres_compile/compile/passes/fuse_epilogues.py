@@ -14,7 +14,7 @@ fewer bytes (docs/kernels.md section 5b):
 
 A site that matches the first is not also fused with its norm (one kernel per site). Returns
 the counts. The backend runs it on graphs whose inputs are on CUDA, where the Triton kernels
-are the fused path; on CPU, Inductor fuses the decomposed site itself (``compile/decompose.py``).
+are the fused path; on CPU, Inductor fuses the decomposed site itself (``decompose_sites.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from .two_phase import _args, is_depth_attention
+from .match import is_depth_attention, site_args
 
 __all__ = ["fuse_epilogues"]
 
@@ -83,12 +83,10 @@ def _norm_of(site: Node, d: int):
 
 def fuse_epilogues(gm: GraphModule) -> dict[str, int]:
     """Rewrite ``gm`` in place; returns ``{"partial": n, "norm": n}``."""
-    from .. import ops  # noqa: F401  (registers the fused ops)
-
     graph = gm.graph
     counts = {"partial": 0, "norm": 0}
     for site in [n for n in graph.nodes if is_depth_attention(n)]:
-        sources, w, g, eps, scale = _args(site)
+        sources, w, g, eps, scale = site_args(site)
         shape = _shape(site)
         if shape is None:
             continue
